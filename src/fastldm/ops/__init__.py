@@ -1,0 +1,38 @@
+"""Functional ops the models call. Each is one line to the registry (see registry.py)."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .registry import BackendUnavailable, backends, dispatch, register, select, use
+
+for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
+    register(_op, "reference", getattr(reference, _op), priority=-100)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              upcast: bool = False) -> torch.Tensor:
+    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, H, Nq, D)."""
+    return dispatch("attention", q, k, v, causal=causal, upcast=upcast)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None):
+    """x (B, C, H, W) -> GroupNorm(x), then `act` ("silu" or None)."""
+    return dispatch("group_norm", x, num_groups, weight, bias, eps, act=act)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    return dispatch("gelu", x, approximate=approximate)
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2F) -> (..., F): first half · GELU(second half)."""
+    return dispatch("geglu", x)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return dispatch("conv2d", x, weight, bias, stride=stride, padding=padding)
+
+
+__all__ = ["attention", "group_norm", "gelu", "geglu", "conv2d", "use", "register", "backends", "select",
+           "BackendUnavailable"]
