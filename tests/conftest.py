@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random models built in code (no downloads), diffusers/transformers as oracles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# diffusers-style UNet configs small enough for CPU tests, one per family feature we must cover.
+UNET_CASES = {
+    "sd1": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=16,
+                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sd2": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=24,
+                attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "sdxl": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=(2, 4, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2, 3),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=16 + 6 * 8),
+    "inpaint": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+                    attention_head_dim=4, in_channels=9, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "bk-sdm-small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                         cross_attention_dim=16, attention_head_dim=4, mid_block_type=None,
+                         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    "lcm": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+                attention_head_dim=4, time_cond_proj_dim=12, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.15) -> torch.nn.Module:
+    """Overwrite every parameter with seeded noise, so no path is hidden by zero/identity init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+def diffusers_unet(case: str, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    return randomize_(UNet2DConditionModel(**UNET_CASES[case]).eval(), seed)
+
+
+def diffusers_vae(channels: int = 3, levels: int = 2, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    bo = (32, 64, 64)[:levels]
+    return randomize_(AutoencoderKL(block_out_channels=bo, norm_num_groups=8, in_channels=channels,
+                                    out_channels=channels, latent_channels=4,
+                                    down_block_types=("DownEncoderBlock2D",) * levels,
+                                    up_block_types=("UpDecoderBlock2D",) * levels).eval(), seed, std=0.08)
+
+
+def hf_clip(hidden: int = 32, act: str = "quick_gelu", projection: bool = False, layers: int = 3, seed: int = 0,
+            vocab: int = 1000):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 2 + 5, num_hidden_layers=layers,
+                         num_attention_heads=4, vocab_size=vocab, hidden_act=act, projection_dim=hidden // 2 + 4,
+                         eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    torch.manual_seed(seed)
+    return randomize_(cls(cfg).eval(), seed, std=0.1)
+
+
+def clip_state_dict(hf_model) -> dict[str, torch.Tensor]:
+    """transformers state dict -> our canonical names (`text_model.` prefix, no position_ids buffer)."""
+    sd = hf_model.state_dict()
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+            for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
