@@ -105,15 +105,23 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path) -> CLIPTokenizer:
-        """Load a transformers/diffusers tokenizer folder (vocab.json, merges.txt, and special_tokens_map.json /
-        tokenizer_config.json for the special tokens; special_tokens_map.json wins, as in transformers)."""
+        """Load a transformers/diffusers tokenizer folder: vocab.json + merges.txt, or the tokenizer.json that
+        transformers >= 5 writes alone; special tokens from special_tokens_map.json / tokenizer_config.json
+        (special_tokens_map.json wins, as in transformers)."""
         path = Path(path)
-        if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-            raise FileNotFoundError(
-                f"{path} has no vocab.json + merges.txt; pass a model's tokenizer/ or tokenizer_2/ folder")
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        elif (path / "tokenizer.json").is_file():
+            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("model", {})
+            if model.get("type") != "BPE":
+                raise ValueError(f"{path}/tokenizer.json is not a BPE tokenizer; CLIP models need one")
+            vocab = model["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+        else:
+            raise FileNotFoundError(f"{path} has no vocab.json + merges.txt nor tokenizer.json; pass a model's "
+                                    f"tokenizer/ or tokenizer_2/ folder")
         special = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # later files override earlier ones
             if (path / name).is_file():
