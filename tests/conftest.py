@@ -86,3 +86,47 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def tiny_diffusers_pipeline(kind: str = "sd1", seed: int = 0):
+    """A tiny random diffusers pipeline (SD1-, SDXL- or LDM3D-4c-shaped) whose text encoders take real CLIP ids."""
+    import tempfile
+
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionLDM3DPipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from fastldm.tokenizer import CLIPTokenizer
+
+    def text_encoder(hidden, cls, s):
+        cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden + 5, num_hidden_layers=2,
+                             num_attention_heads=4, vocab_size=49408, projection_dim=hidden, hidden_act="gelu"
+                             if cls is CLIPTextModelWithProjection else "quick_gelu")
+        torch.manual_seed(s)
+        return randomize_(cls(cfg).eval(), s, std=0.1)
+
+    tok_dir = tempfile.mkdtemp()
+    CLIPTokenizer.bundled().save(tok_dir)
+    tok = HFTokenizer.from_pretrained(tok_dir)
+    channels = 4 if kind == "ldm3d" else 3
+    vae = randomize_(AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, latent_channels=4,
+                                   in_channels=channels, out_channels=channels,
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2).eval(), seed + 1, std=0.05)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    if kind == "sdxl":
+        unet_kw = UNET_CASES["sdxl"] | {"projection_class_embeddings_input_dim": 24 + 6 * 8, "sample_size": 8}
+        unet = randomize_(UNet2DConditionModel(**unet_kw).eval(), seed, std=0.08)
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder(8, CLIPTextModel, seed + 2), tokenizer=tok,
+            text_encoder_2=text_encoder(24, CLIPTextModelWithProjection, seed + 3), tokenizer_2=tok,
+            unet=unet, scheduler=sched)
+    unet = randomize_(UNet2DConditionModel(**(UNET_CASES["sd1"] | {"cross_attention_dim": 32, "sample_size": 8}))
+                      .eval(), seed, std=0.08)
+    parts = dict(vae=vae, text_encoder=text_encoder(32, CLIPTextModel, seed + 2), tokenizer=tok, unet=unet,
+                 scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if kind == "ldm3d":
+        return StableDiffusionLDM3DPipeline(**parts | {"image_encoder": None})
+    return StableDiffusionPipeline(**parts)

@@ -91,7 +91,8 @@ def test_pickle_refused_without_opt_in(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_pickle(p, allow_pickle=False)
     assert "allow_pickle=True" in _one_line(e)
-    assert torch.equal(load_pickle(p, allow_pickle=True)["w"], torch.ones(2))
+    sd, meta = load_pickle(p, allow_pickle=True)
+    assert torch.equal(sd["w"], torch.ones(2)) and meta == {}
 
 
 def test_pickle_with_code_is_rejected_even_when_allowed(tmp_path):

@@ -96,8 +96,9 @@ class TensorReader:
         self._open.clear()
 
 
-def load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """A .ckpt/.bin state dict, only when the caller opted in; read with weights_only=True."""
+def load_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A .ckpt/.bin state dict and its metadata ({"global_step": ...} when present), only when the caller
+    opted in; read with weights_only=True."""
     if not allow_pickle:
         raise CheckpointError(f"{path}: is a pickle file, which can run code when loaded; convert it to "
                               f".safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust it")
@@ -107,7 +108,8 @@ def load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad pickle
         raise CheckpointError(f"{path}: cannot be read as a weights-only PyTorch file ({type(e).__name__})") from None
+    meta = {"global_step": str(sd["global_step"])} if isinstance(sd, dict) and "global_step" in sd else {}
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: does not contain a state dict")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, meta

@@ -1,0 +1,208 @@
+"""`load(path)`: a diffusers folder or a single-file checkpoint -> a ready Pipeline.
+
+Every network is built on the meta device and its weights are assigned tensor by tensor straight from
+the (memory-mapped) file, converted to the requested dtype on the way, so the checkpoint is never held
+twice. Loading is strict: missing, unexpected or mis-shaped tensors are an error, named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
+from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from .detect import detect_single_file
+from .keymaps import apply_op, canonical_clip_keys, ldm_to_ours, modernize_vae_keys
+from .safetensors_io import (PICKLE_SUFFIXES, CheckpointError, TensorInfo, TensorReader, load_pickle,
+                             read_header, read_headers)
+
+Fetch = Callable[[], torch.Tensor]
+_MODELS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModel, "unet": UNet2DConditionModel,
+           "vae": AutoencoderKL}
+_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model", "text_encoder_2": "model"}
+
+
+def _name_some(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def build(component: str, config, fetch: dict[str, Fetch], dtype: torch.dtype, device: torch.device,
+          where: str) -> nn.Module:
+    """Build `component` on the meta device and assign every tensor from `fetch` (strict)."""
+    with torch.device("meta"):
+        model = _MODELS[component](config)
+    expected = model.state_dict()
+    missing, unexpected = expected.keys() - fetch.keys(), fetch.keys() - expected.keys()
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing ({_name_some(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({_name_some(unexpected)})" if unexpected else ""]
+        raise CheckpointError(f"{where}: {component} weights do not match its config: "
+                              f"{'; '.join(p for p in parts if p)}; the checkpoint is of another architecture "
+                              f"or incomplete")
+    state = {}
+    for key, ref in expected.items():
+        t = fetch[key]()
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{where}: {component} tensor {key} has shape {list(t.shape)}, the config "
+                                  f"expects {list(ref.shape)}; the config and the weights disagree")
+        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _reader_fetch(reader: TensorReader, infos: dict[str, TensorInfo], rename: dict[str, str]) -> dict[str, Fetch]:
+    return {ours: (lambda src=src: reader.get(infos[src], src)) for ours, src in rename.items()}
+
+
+# ---- diffusers folders ------------------------------------------------------------------------------------
+
+def _component_files(folder: Path, component: str, variant: str | None) -> list[Path]:
+    d, stem = folder / component, _WEIGHT_NAMES[component]
+    names = ([f"{stem}.{variant}.safetensors"] if variant else []) + [f"{stem}.safetensors"]
+    if not variant:
+        names.append(f"{stem}.fp16.safetensors")
+    for name in names:
+        if (d / name).exists():
+            return [d / name]
+        index = d / f"{name}.index.json"
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [d / s for s in shards]
+    pickles = [p.name for p in d.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        return [d / pickles[0]]
+    raise CheckpointError(f"{d}: no weights found (looked for {', '.join(names)}); the folder is incomplete")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the diffusers folder is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _folder_config(folder: Path, index: dict) -> ModelConfig:
+    te = _read_json(folder / "text_encoder" / "config.json")
+    has_te2 = (folder / "text_encoder_2").is_dir()
+    te2 = _read_json(folder / "text_encoder_2" / "config.json") if has_te2 else None
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    # The folder's own scheduler config, as is: missing keys take the defaults of the diffusers class each
+    # sampler mirrors (schedules.py), exactly as `<Scheduler>.from_config(folder_config)` does.
+    sched = _read_json(sched_file) if sched_file.exists() else dict(SD_SCHEDULER)
+    vae = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
+    unet = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
+    if has_te2:
+        family = "sdxl"
+    elif "LDM3D" in index.get("_class_name", "") or vae.out_channels in (4, 6):
+        family = "ldm3d"
+    else:
+        family = "sd2" if te.get("hidden_size") == 1024 else "sd1"
+    projected = "WithProjection" in str(index.get("text_encoder", ""))
+    clip = dataclasses.replace(CLIPConfig.from_diffusers(te, projection=projected),
+                               pad_token_id=0 if family == "sd2" else 49407)
+    return ModelConfig(
+        family=family, text_encoder=clip, unet=unet, vae=vae,
+        text_encoder_2=None if te2 is None else dataclasses.replace(
+            CLIPConfig.from_diffusers(te2, projection=True), pad_token_id=0),
+        clip_layer=-2 if has_te2 else -1, scheduler=sched,
+        default_size=unet.sample_size * 2 ** (len(vae.block_out_channels) - 1))
+
+
+def _folder_weights(folder: Path, component: str, variant: str | None, allow_pickle: bool,
+                    reader: TensorReader) -> dict[str, Fetch]:
+    files = _component_files(folder, component, variant)
+    if files[0].suffix in PICKLE_SUFFIXES:
+        sd, _ = load_pickle(files[0], allow_pickle)
+        fetch = {k: (lambda v=v: v) for k, v in sd.items()}
+    else:
+        infos = read_headers(files)
+        fetch = _reader_fetch(reader, infos, {k: k for k in infos})
+    if component == "vae":
+        fetch = {modernize_vae_keys([k])[0]: f for k, f in fetch.items()}
+    elif component.startswith("text_encoder"):
+        fetch = {new: fetch[old] for new, old in zip(canonical_clip_keys(list(fetch)), fetch)
+                 if not new.endswith("position_ids")}
+    return fetch
+
+
+def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None,
+                allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    index = _read_json(folder / "model_index.json")
+    config = _folder_config(folder, index)
+    reader, modules = TensorReader(), {}
+    try:
+        for comp in ("text_encoder", "text_encoder_2", "unet", "vae"):
+            sub = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2,
+                   "unet": config.unet, "vae": config.vae}[comp]
+            if sub is None:
+                continue
+            fetch = _folder_weights(folder, comp, variant, allow_pickle, reader)
+            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype), device, str(folder))
+    finally:
+        reader.close()
+    return config, modules
+
+
+# ---- single files -------------------------------------------------------------------------------------------
+
+def load_single_file(path: Path, dtype: torch.dtype, device: torch.device, allow_pickle: bool = False,
+                     prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    reader = TensorReader()
+    if path.suffix in PICKLE_SUFFIXES:
+        sd, meta = load_pickle(path, allow_pickle)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        get = sd.__getitem__
+    else:
+        infos, meta = read_header(path)
+        shapes = {k: i.shape for k, i in infos.items()}
+        get = lambda k: reader.get(infos[k], k)  # noqa: E731
+    config = detect_single_file(shapes, meta, prediction_type)
+    maps = ldm_to_ours(config, list(shapes))
+    modules = {}
+    try:
+        for comp, table in maps.items():
+            sub = getattr(config, comp)
+            fetch = {ours: (lambda r=r: apply_op(r.op, get(r.src))) for ours, r in table.items()}
+            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype), device, str(path))
+    finally:
+        reader.close()
+    return config, modules
+
+
+def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype) -> torch.dtype:
+    """fp16 VAEs overflow in the decoder unless the checkpoint says otherwise (`force_upcast`)."""
+    if component == "vae" and dtype == torch.float16 and config.vae.force_upcast:
+        return torch.float32
+    return dtype
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load_components(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    variant: str | None = None, allow_pickle: bool = False,
+                    prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """(config, {"text_encoder", ["text_encoder_2"], "unet", "vae": module}) from a folder or a file."""
+    path, device = Path(path).expanduser(), torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "
+                                  f".safetensors file")
+        config, modules = load_folder(path, dtype, device, variant, allow_pickle)
+        if prediction_type is not None:
+            config = config.replace(scheduler={**config.scheduler, "prediction_type": prediction_type})
+        return config, modules
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    return load_single_file(path, dtype, device, allow_pickle, prediction_type)

@@ -1,0 +1,61 @@
+"""Write a model as a diffusers folder (model_index.json, per-component config.json + safetensors,
+scheduler and tokenizer folders), which both `fastldm.load` and diffusers' `from_pretrained` read."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import ModelConfig
+
+_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "ldm3d": "StableDiffusionLDM3DPipeline"}
+
+
+def _scheduler_entry(config: ModelConfig) -> dict:
+    return {"_class_name": "DDIMScheduler", **{k: v for k, v in config.scheduler.items() if k != "_class_name"}}
+
+
+def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: dict, path: str | Path,
+                dtype: torch.dtype | None = None) -> Path:
+    """Save `modules` ({"text_encoder", ..., "unet", "vae"}) and `tokenizers` ({"tokenizer": tok, ...}) as a
+    diffusers folder at `path`. Written to a temporary folder first and moved into place: never half-written."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; choose a new folder or delete it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fastldm-save-", dir=path.parent))
+    index = {"_class_name": _PIPELINES.get(config.family, "StableDiffusionPipeline"),
+             "_diffusers_version": "0.30.0", "requires_safety_checker": False,
+             "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    try:
+        for name, module in modules.items():
+            sub = getattr(config, name)
+            (tmp / name).mkdir()
+            cfg = sub.to_diffusers()
+            if name.startswith("text_encoder"):
+                index[name] = ["transformers", cfg["architectures"][0]]
+                weights = "model.safetensors"
+            else:
+                index[name] = ["diffusers", cfg["_class_name"]]
+                weights = "diffusion_pytorch_model.safetensors"
+            (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
+            sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
+                  for k, v in module.state_dict().items()}
+            save_file(sd, str(tmp / name / weights), metadata={"format": "pt"})
+        for name, tok in tokenizers.items():
+            tok.save(tmp / name)
+            index[name] = ["transformers", "CLIPTokenizer"]
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_entry(config), indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
