@@ -1,0 +1,125 @@
+"""The Python API: `fastldm.load(path)` -> Pipeline; `pipe.generate("a prompt")` -> GenerationResult."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .images import infotext, save_depth_png, save_png
+from .loading.load import load_components
+from .pipeline import Pipeline
+from .samplers import resolve_sampler
+from .tokenizer import CLIPTokenizer
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+    return _DTYPES[dtype]
+
+
+def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
+    toks = {}
+    for name, clip in (("tokenizer", config.text_encoder), ("tokenizer_2", config.text_encoder_2)):
+        if clip is None:
+            continue
+        folder = path / name if path.is_dir() else None
+        toks[name] = (CLIPTokenizer.from_folder(folder) if folder is not None and folder.is_dir()
+                      else CLIPTokenizer.bundled(pad_id=clip.pad_token_id))
+    return toks
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None) -> Pipeline:
+    """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
+
+    dtype: "fp32" | "fp16" | "bf16" (default fp32 on CPU, fp16 on CUDA); variant: e.g. "fp16" to pick
+    `*.fp16.safetensors` in a folder; allow_pickle: permit .ckpt/.bin files (read with weights_only=True);
+    prediction_type: override "epsilon" / "v_prediction" when the checkpoint cannot tell."""
+    path = Path(path).expanduser()
+    config, modules = load_components(path, device=device, dtype=parse_dtype(dtype), variant=variant,
+                                      allow_pickle=allow_pickle, prediction_type=prediction_type)
+    return Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
+                    source=path)
+
+
+def model_hash(path: Path) -> str:
+    """A1111's short model hash: the first 10 hex digits of the SHA-256 of the checkpoint file (for a
+    diffusers folder: of its UNet weights)."""
+    if path.is_dir():
+        files = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*"))
+        path = files[0]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-rgbd"
+
+
+def default_model() -> Path:
+    """The embedded tiny RGBD model shipped in the package."""
+    if not (EMBEDDED_MODEL / "model_index.json").exists():
+        raise FileNotFoundError("no model given and the embedded model is not installed; pass --model PATH "
+                                "(a diffusers folder or a .safetensors file)")
+    return EMBEDDED_MODEL
+
+
+def parameters_text(pipe: Pipeline, result, index: int) -> str:
+    """The A1111 infotext of image `index` of `result`."""
+    r = result.request
+    spec = resolve_sampler(r.sampler, r.scheduler)
+    w, h = result.images[index].size
+    params = {"Steps": result.steps, "Sampler": spec.label,
+              "Schedule type": r.scheduler.replace("_", " ").title() if r.scheduler else None,
+              "CFG scale": f"{r.guidance:g}", "Seed": result.seeds[index], "Size": f"{w}x{h}",
+              "Model hash": _hash_of(pipe), "Model": pipe.name,
+              "Denoising strength": f"{r.strength:g}" if r.init_image is not None else None,
+              "Version": f"fastldm {__version__}"}
+    return infotext(r.prompt, r.negative_prompt, params)
+
+
+def _hash_of(pipe: Pipeline) -> str | None:
+    if pipe.source is None:
+        return None
+    if not hasattr(pipe, "_model_hash"):
+        pipe._model_hash = model_hash(pipe.source)
+    return pipe._model_hash
+
+
+def save_result(pipe: Pipeline, result, out_dir: str | Path) -> list[Path]:
+    """Write each image as NNNNN-SEED.png (with A1111 parameters) and, for RGBD models, NNNNN-SEED-depth.png
+    (16-bit). Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 1 + max((int(p.name[:5]) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")), default=-1)
+    paths = []
+    for i, (img, seed) in enumerate(zip(result.images, result.seeds)):
+        stem = f"{start + i:05d}-{seed}"
+        paths.append(save_png(img, out / f"{stem}.png", parameters_text(pipe, result, i)))
+        if result.depths is not None:
+            paths.append(save_depth_png(result.depths[i], out / f"{stem}-depth.png"))
+    return paths
+
+
+def open_image(path: str | Path) -> "Image.Image":
+    """An init image for img2img, fully decoded now so a bad file fails before any work is done."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); give a PNG or JPEG") from None

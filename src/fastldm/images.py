@@ -1,0 +1,69 @@
+"""Writing results: PNGs carrying the A1111 `parameters` text chunk, and 16-bit depth PNGs.
+
+Infotext format (A1111 `create_infotext`): "<prompt>\\nNegative prompt: <neg>\\n<k: v, k: v, ...>", values
+quoted with json.dumps when they contain ',', ':' or a newline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(v) -> str:
+    v = str(v)
+    return json.dumps(v, ensure_ascii=False) if any(c in v for c in ",\n:") else v
+
+
+def infotext(prompt: str, negative: str, params: dict) -> str:
+    line = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None)
+    neg = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{neg}\n{line}".strip()
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of `infotext` -> (prompt, negative prompt, {key: value as text})."""
+    *lines, last = text.strip().split("\n")
+    params = {k: (json.loads(v) if v.startswith('"') else v) for k, v in _PARAM.findall(last)}
+    if len(params) < 3:
+        lines, params = lines + [last], {}
+    prompt, negative, into_neg = [], [], False
+    for ln in lines:
+        if ln.startswith("Negative prompt:"):
+            into_neg, ln = True, ln[len("Negative prompt:"):].strip()
+        (negative if into_neg else prompt).append(ln)
+    return "\n".join(prompt), "\n".join(negative), params
+
+
+def _atomic_save(path: Path, save) -> None:
+    """Write through a temporary file in the same folder, then rename: a failure leaves nothing behind."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    _atomic_save(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+    return path
+
+
+def save_depth_png(depth: np.ndarray, path: Path) -> Path:
+    """depth (H, W) uint16 -> 16-bit grayscale PNG (PIL mode "I;16")."""
+    img = Image.fromarray(depth.astype(np.uint16))
+    _atomic_save(path, lambda p: img.save(p, format="PNG"))
+    return path

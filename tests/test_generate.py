@@ -1,0 +1,167 @@
+"""End to end: diffusers' pipelines and fastldm generate from the same folder, prompt, seed and sampler
+-> the same image (within 2/255 per pixel); the CLI writes PNGs with A1111 parameters and fails cleanly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import fastldm
+from conftest import tiny_diffusers_pipeline
+from fastldm.cli import main
+from fastldm.images import parse_infotext
+
+TOL = 2 / 255  # the issue's bound; observed differences are ~1e-5 (float op order)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "tiny-sd"
+    tiny_diffusers_pipeline("sd1").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipes(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder), fastldm.load(folder)
+
+
+SCHEDULERS = {"DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler", "DPM++ 2M": "DPMSolverMultistepScheduler",
+              "Euler a": "EulerAncestralDiscreteScheduler"}
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_txt2img_matches_diffusers(pipes, folder, sampler):
+    import diffusers
+
+    ref_pipe, ours = pipes
+    ref_pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_pretrained(folder / "scheduler")
+    kw = dict(guidance_scale=7.5, output_type="np", height=64, width=48, negative_prompt="blurry")
+    ref = ref_pipe("a red cube on a table", num_inference_steps=4, generator=torch.Generator().manual_seed(11),
+                   **kw).images
+    out = ours.generate("a red cube on a table", negative_prompt="blurry", steps=4, sampler=sampler,
+                        guidance=7.5, seed=11, width=48, height=64)
+    assert out.raw.shape == ref.shape
+    assert np.abs(out.raw - ref).max() <= TOL
+    assert out.steps == 4 and out.seeds == [11]
+
+
+def test_batch_seeds_are_seed_plus_i(pipes):
+    _, ours = pipes
+    batch = ours.generate("a cube", steps=2, sampler="Euler", seed=5, n=2, width=32, height=32)
+    single = ours.generate("a cube", steps=2, sampler="Euler", seed=6, width=32, height=32)
+    assert batch.seeds == [5, 6]
+    assert np.abs(batch.raw[1] - single.raw[0]).max() < 1e-5
+
+
+def test_img2img_matches_diffusers(pipes, folder):
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    ref_pipe, ours = pipes
+    img2img = StableDiffusionImg2ImgPipeline(**ref_pipe.components)
+    img2img.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    init = Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8))
+    ref = img2img("a cube", image=init, strength=0.6, num_inference_steps=5, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(2), output_type="np").images
+    out = ours.generate("a cube", init_image=init, strength=0.6, steps=5, sampler="DDIM", guidance=7.5, seed=2,
+                        width=64, height=48)
+    assert np.abs(out.raw - ref).max() <= TOL
+    assert out.steps == 3  # int(5 * 0.6) steps run, as diffusers
+
+
+def test_guidance_one_runs_cond_only(pipes):
+    _, ours = pipes
+    calls = []
+    handle = ours.unet.register_forward_hook(lambda m, a, kw: calls.append(a[0].shape[0]))
+    try:
+        ours.generate("x", steps=2, sampler="Euler", guidance=1.0, seed=0, width=32, height=32)
+    finally:
+        handle.remove()
+    assert calls == [1, 1]
+
+
+def test_callback_stops_early(pipes):
+    _, ours = pipes
+    seen = []
+    out = ours.generate("x", steps=6, sampler="DPM++ 2M", seed=0, width=32, height=32,
+                        callback=lambda info: seen.append(info["i"]) or info["i"] == 2)
+    assert seen == [0, 1, 2] and out.steps == 3 and np.isfinite(out.raw).all()
+
+
+def test_long_and_weighted_prompts(pipes):
+    _, ours = pipes
+    long = ", ".join(["a very detailed red cube"] * 30)  # > 75 tokens: several chunks
+    cond = ours.encode_prompt([long])["encoder_hidden_states"]
+    assert cond.shape[1] % 77 == 0 and cond.shape[1] > 77
+    plain = ours.encode_prompt(["a red cube"])["encoder_hidden_states"]
+    weighted = ours.encode_prompt(["a (red:1.5) cube"])["encoder_hidden_states"]
+    assert not torch.allclose(plain, weighted)
+    ours.generate(long, steps=1, sampler="Euler", seed=0, width=32, height=32)
+
+
+def test_bad_requests(pipes):
+    _, ours = pipes
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ours.generate("x", width=50, height=64)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        ours.generate("x", sampler="nope")
+    with pytest.raises(ValueError, match="strength"):
+        ours.generate("x", init_image=Image.new("RGB", (32, 32)), strength=1.5, width=32, height=32)
+
+
+def test_rgbd_model_returns_depth(tmp_path):
+    path = tmp_path / "ldm3d"
+    tiny_diffusers_pipeline("ldm3d").save_pretrained(path)
+    ours = fastldm.load(path)
+    assert ours.config.rgbd
+    out = ours.generate("a sphere", steps=2, seed=0, width=32, height=32)
+    assert out.depths is not None and out.depths[0].dtype == np.uint16 and out.depths[0].shape == (32, 32)
+
+
+def test_cli_generate_writes_png_with_parameters(folder, tmp_path):
+    out_dir = tmp_path / "out"
+    res = CliRunner().invoke(main, ["generate", "a red cube, shiny", "--model", str(folder), "--steps", "2",
+                                    "--sampler", "Euler a", "--seed", "42", "--size", "32x40", "-n", "2",
+                                    "--negative", "blurry", "--out", str(out_dir)])
+    assert res.exit_code == 0, res.output
+    files = sorted(out_dir.glob("*.png"))
+    assert [f.name for f in files] == ["00000-42.png", "00001-43.png"]
+    with Image.open(files[1]) as im:
+        assert im.size == (32, 40)
+        prompt, negative, params = parse_infotext(im.text["parameters"])
+    assert prompt == "a red cube, shiny" and negative == "blurry"
+    assert params["Steps"] == "2" and params["Sampler"] == "Euler a" and params["Seed"] == "43"
+    assert params["Size"] == "32x40" and params["CFG scale"] == "7.5" and len(params["Model hash"]) == 10
+    assert params["Model"] == "tiny-sd"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "30x32"], "multiples of 8"),
+    (["--size", "big"], "WIDTHxHEIGHT"),
+    (["--sampler", "warp drive"], "unknown sampler"),
+    (["--init-image", "/nonexistent.png"], "no such image"),
+])
+def test_cli_errors_write_nothing(folder, tmp_path, args, message):
+    out_dir = tmp_path / "out"
+    res = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--steps", "1", "--out", str(out_dir),
+                                    *args])
+    assert res.exit_code != 0 and message in res.output
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_cli_missing_model_and_bad_init_image(tmp_path):
+    res = CliRunner().invoke(main, ["generate", "x", "--model", str(tmp_path / "missing.safetensors")])
+    assert res.exit_code != 0 and "no such file" in res.output
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    res = CliRunner().invoke(main, ["generate", "x", "--model", str(tmp_path), "--init-image", str(bad)])
+    assert res.exit_code != 0 and "not a readable image" in res.output
+
+
+def test_cli_samplers_lists_names():
+    res = CliRunner().invoke(main, ["samplers"])
+    assert res.exit_code == 0 and "DPM++ 2M" in res.output and "euler_ancestral" in res.output
