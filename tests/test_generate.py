@@ -165,3 +165,19 @@ def test_cli_missing_model_and_bad_init_image(tmp_path):
 def test_cli_samplers_lists_names():
     res = CliRunner().invoke(main, ["samplers"])
     assert res.exit_code == 0 and "DPM++ 2M" in res.output and "euler_ancestral" in res.output
+
+
+def test_sdxl_txt2img_matches_diffusers(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    path = tmp_path / "sdxl"
+    tiny_diffusers_pipeline("sdxl").save_pretrained(path)
+    ref_pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    ref_pipe.scheduler = EulerDiscreteScheduler.from_pretrained(path / "scheduler")
+    ours = fastldm.load(path)
+    for negative in ("", "ugly"):  # empty negative: SDXL's zeroed unconditional embedding
+        ref = ref_pipe("a red cube", negative_prompt=negative or None, num_inference_steps=3, guidance_scale=5.0,
+                       generator=torch.Generator().manual_seed(4), output_type="np", height=32, width=32).images
+        out = ours.generate("a red cube", negative_prompt=negative, steps=3, sampler="Euler", guidance=5.0, seed=4,
+                            width=32, height=32)
+        assert np.abs(out.raw - ref).max() <= TOL
