@@ -93,5 +93,19 @@ def info(path, allow_pickle) -> None:
         _fail(e)
 
 
+@main.command("eval-shapes")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--caption", required=True, help='a ShapesWorld caption, e.g. "a large red sphere on the left"')
+@click.option("--depth", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="16-bit depth PNG")
+def eval_shapes(image, caption, depth) -> None:
+    """Check a generated ShapesWorld image (and depth) against its caption, attribute by attribute."""
+    from .shapes.evaluate import eval_shapes_cli
+
+    try:
+        click.echo(eval_shapes_cli(str(image), caption, None if depth is None else str(depth)))
+    except (ValueError, OSError) as e:
+        _fail(e)
+
+
 if __name__ == "__main__":
     main()
