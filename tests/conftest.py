@@ -1,8 +1,14 @@
 """Shared fixtures: tiny random models built in code (no downloads), diffusers/transformers as oracles."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton decides at import time whether kernels are interpreted; CI has no GPU, so every Triton kernel is
+# tested through the interpreter on the CPU. This must happen before anything imports fastldm.ops.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # diffusers-style UNet configs small enough for CPU tests, one per family feature we must cover.
 UNET_CASES = {

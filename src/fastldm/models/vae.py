@@ -20,7 +20,7 @@ class VAEAttention(Attention):
 
     def __init__(self, ch: int, groups: int):
         super().__init__(ch, heads=1, qkv_bias=True)
-        self.group_norm = nn.GroupNorm(groups, ch, eps=_EPS)
+        self.group_norm = GroupNorm(groups, ch, eps=_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .registry import BackendUnavailable, backends, dispatch, register, select, use
+from . import reference, winograd
+from .registry import BackendUnavailable, backends, dispatch, prefer, register, select, use
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
     register(_op, "reference", getattr(reference, _op), priority=-100)
+# Winograd trades accuracy for speed: below the reference, so only `use()` or a measured table picks it.
+register("conv2d", "winograd", winograd.conv2d, winograd.supports, priority=-150)
+
+from . import triton  # noqa: E402,F401  (registers the Triton kernels when triton is installed)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -35,4 +39,4 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride: int = 1, padding
 
 
 __all__ = ["attention", "group_norm", "gelu", "geglu", "conv2d", "use", "register", "backends", "select",
-           "BackendUnavailable"]
+           "prefer", "BackendUnavailable"]

@@ -5,6 +5,7 @@ registers a function and a `supports(*args, **kwargs) -> str | None` check that 
 cannot run a given call, or None. Dispatch takes the forced backend for the op if one is set with `use()`
 (and raises if it cannot run the call: never a silent fallback), otherwise the first backend, in priority
 order, whose check passes. `reference` (plain PyTorch) is registered for every op and always applies.
+A measured table (fastldm.ops.autotune) can put one backend first per (op, device type, dtype): `prefer`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import contextlib
 import contextvars
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 OPS = ("attention", "group_norm", "gelu", "geglu", "conv2d")
 
@@ -30,6 +33,7 @@ class Backend:
 
 _backends: dict[str, list[Backend]] = {op: [] for op in OPS}
 _forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("fastldm_forced", default={})
+_preferred: dict[tuple[str, str, torch.dtype], str] = {}  # (op, device type, dtype) -> backend tried first
 
 
 def _always(*args, **kwargs) -> None:
@@ -50,6 +54,28 @@ def backends(op: str) -> list[str]:
     return [b.name for b in _backends[op]]
 
 
+def prefer(table: dict[tuple[str, str, torch.dtype], str]) -> dict[tuple[str, str, torch.dtype], str]:
+    """Make `auto` try `table[(op, device type, dtype)]` (keyed on the first tensor argument) before the
+    priority order; its `supports` still applies. Replaces the previous table, which is returned.
+    `fastldm.ops.autotune.install` sets it from measurements; `prefer({})` restores the priority order."""
+    for (op, _, _), name in table.items():
+        if op not in _backends or name not in backends(op):
+            raise ValueError(f"cannot prefer {name!r} for {op!r}: not a registered backend of that op")
+    previous = dict(_preferred)
+    _preferred.clear()
+    _preferred.update(table)
+    return previous
+
+
+def _auto_order(op: str, args: tuple) -> list[Backend]:
+    """The order `auto` tries backends in: the preferred one for this call first, then by priority."""
+    first = args[0] if args else None
+    if not _preferred or not isinstance(first, torch.Tensor):
+        return _backends[op]
+    name = _preferred.get((op, first.device.type, first.dtype))
+    return _backends[op] if name is None else sorted(_backends[op], key=lambda b: b.name != name)
+
+
 def dispatch(op: str, *args, **kwargs):
     forced = _forced.get().get(op)
     if forced is not None:
@@ -62,7 +88,7 @@ def dispatch(op: str, *args, **kwargs):
             raise BackendUnavailable(f"backend {forced!r} cannot run {op}: {why}; "
                                      f"choose another with fastldm.ops.use(...)")
         return backend.fn(*args, **kwargs)
-    for backend in _backends[op]:
+    for backend in _auto_order(op, args):
         if backend.supports(*args, **kwargs) is None:
             return backend.fn(*args, **kwargs)
     raise BackendUnavailable(f"no backend can run {op} for this input")  # unreachable: reference applies
@@ -73,7 +99,7 @@ def select(op: str, *args, **kwargs) -> str:
     forced = _forced.get().get(op)
     if forced is not None:
         return forced
-    return next(b.name for b in _backends[op] if b.supports(*args, **kwargs) is None)
+    return next(b.name for b in _auto_order(op, args) if b.supports(*args, **kwargs) is None)
 
 
 @contextlib.contextmanager
