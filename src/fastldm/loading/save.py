@@ -54,6 +54,8 @@ def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: 
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_entry(config), indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp made it private; a model folder is for everyone to read
+            p.chmod(0o755 if p.is_dir() else 0o644)
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
