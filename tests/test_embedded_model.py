@@ -15,16 +15,17 @@ import fastldm
 from fastldm.api import EMBEDDED_MODEL
 from fastldm.shapes.evaluate import evaluate
 
-# (caption, seed) pairs whose object colour the shipped model (913 LDM steps, see training/README.md)
-# draws at 8 DPM++ 2M steps, guidance 3. The model is weak: these are single-object captions in the colours
-# it learned first (green, black, blue), and only the colour check is asserted, with slack for float
+# (caption, seed) pairs whose object colour the shipped model draws at 8 DPM++ 2M steps, guidance 3 (chosen
+# on the first, 913-step model; the shipped 6,900-step model draws them too, see training/README.md).
+# Single-object captions in the colours it learned first (green, black, blue); only the colour check is
+# asserted, with slack for float
 # differences across machines. A model that loads wrongly (e.g. mismatched keys or latent scale) draws
 # none of them.
 CASES = [("a green sphere", 0), ("a green sphere", 1), ("a green cube", 0), ("a green cube", 1),
          ("a black sphere", 0), ("a black sphere", 2), ("a black cube", 0), ("a black cube", 2),
          ("a blue sphere", 1), ("a blue sphere", 2)]
 STEPS, GUIDANCE = 8, 3.0
-MIN_COLOUR = 7     # of 10; all 10 pass on the machine the model was trained on
+MIN_COLOUR = 7     # of 10
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "model_index.json").exists(),
                                 reason="the embedded model is not installed")
