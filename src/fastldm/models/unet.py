@@ -39,7 +39,7 @@ class Transformer2DModel(nn.Module):
     def __init__(self, c: UNetConfig, dim: int, heads: int, depth: int):
         super().__init__()
         self.linear = c.use_linear_projection
-        self.norm = nn.GroupNorm(c.norm_num_groups, dim, eps=1e-6)
+        self.norm = GroupNorm(c.norm_num_groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim) if self.linear else Conv2d(dim, dim, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(dim, heads, c.cross_attention_dim, c.upcast_attention) for _ in range(depth)])
@@ -84,12 +84,13 @@ class DownBlock(_Stage):
         super().__init__(c, [cin] + [cout] * (c.layers_per_block[level] - 1), cout, level)
         self.downsamplers = nn.ModuleList([] if last else [Downsample2D(cout)])
 
-    def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x, temb, context, n_layers: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """n_layers: run only the first n layers and no downsampler (DeepCache's shallow path)."""
         skips = []
-        for i in range(len(self.resnets)):
+        for i in range(len(self.resnets) if n_layers is None else n_layers):
             x = self.layer(i, x, temb, context)
             skips.append(x)
-        for down in self.downsamplers:
+        for down in self.downsamplers if n_layers is None else ():
             x = down(x)
             skips.append(x)
         return x, skips
@@ -101,11 +102,13 @@ class UpBlock(_Stage):
         super().__init__(c, cins, cout, level)
         self.upsamplers = nn.ModuleList([] if last else [Upsample2D(cout)])
 
-    def forward(self, x, skips: list[torch.Tensor], temb, context, size) -> torch.Tensor:
-        for i in range(len(self.resnets)):
+    def forward(self, x, skips: list[torch.Tensor], temb, context, size, layers: range | None = None) -> torch.Tensor:
+        """Pops one skip per layer run; `layers` runs a part of the block (upsampling only with its last layer)."""
+        layers = range(len(self.resnets)) if layers is None else layers
+        for i in layers:
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + Cskip, H, W)
             x = self.layer(i, x, temb, context)
-        for up in self.upsamplers:
+        for up in self.upsamplers if layers.stop == len(self.resnets) else ():
             x = up(x, size)
         return x
 
@@ -162,9 +165,11 @@ class UNet2DConditionModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                timestep_cond: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """sample (B, Cin, h, w), timestep (B,) or scalar, encoder_hidden_states (B, M, Cctx);
         SDXL also text_embeds (B, 1280) and time_ids (B, 6); LCM timestep_cond (B, Dcond).
+        cache: a fastldm.adaptive.DeepCache, whose calls either run the whole UNet and store the deep features,
+        or run only the shallow path on the stored ones (DeepCache, Ma et al. 2023).
         Returns the model output (B, Cout, h, w): ε or v depending on the checkpoint."""
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -180,6 +185,8 @@ class UNet2DConditionModel(nn.Module):
         ctx = encoder_hidden_states.to(dtype)
 
         x = self.conv_in(sample.to(dtype))
+        if cache is not None and not cache.full_call(x.shape[0]):
+            return self._shallow(x, emb, ctx, cache)
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, emb, ctx)
@@ -190,5 +197,26 @@ class UNet2DConditionModel(nn.Module):
             k = len(block.resnets)
             mine, skips = skips[-k:], skips[:-k]
             # Upsample to the next skip's size, so sizes that are not multiples of 2^levels work.
-            x = block(x, mine, emb, ctx, skips[-1].shape[-2:] if skips else None)
+            size = skips[-1].shape[-2:] if skips else None
+            if cache is not None and block is self.up_blocks[-1]:  # store what enters the cached layers
+                j = self._cache_start(cache)
+                cache.features = x = block(x, mine, emb, ctx, size, range(j))
+                x = block(x, mine, emb, ctx, size, range(j, k))
+            else:
+                x = block(x, mine, emb, ctx, size)
+        return self.conv_out(self.conv_norm_out(x))
+
+    def _cache_start(self, cache) -> int:
+        """The last up block's layer that takes skip `cache.branch` (its layers take skips k-1 .. 0)."""
+        k = len(self.up_blocks[-1].resnets)
+        if cache.branch > k - 1:
+            raise ValueError(f"cache branch {cache.branch} is too deep for this UNet; use 0..{k - 1}")
+        return k - 1 - cache.branch
+
+    def _shallow(self, x: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, cache) -> torch.Tensor:
+        """DeepCache's partial call from conv_in's output x: the first `branch` layers of the first down block,
+        then the last up block's layers that take their skips, started from the cached features."""
+        skips = [x] + self.down_blocks[0](x, emb, ctx, n_layers=cache.branch)[1]  # branch + 1 skips
+        last = self.up_blocks[-1]
+        x = last(cache.features, skips, emb, ctx, None, range(self._cache_start(cache), len(last.resnets)))
         return self.conv_out(self.conv_norm_out(x))

@@ -1,0 +1,129 @@
+"""Step labels, StepSaver's way (Yu & Barad 2024, arXiv 2408.02054, §3): generate each prompt at a grid of step
+counts with one fixed seed and sampler, and label it with the fewest steps whose image is within SSIM τ of the
+image at the most steps (50).
+
+A `LabelTable` keeps the whole SSIM matrix (prompts x step counts), so τ can be changed without generating again,
+and, when a judge is given (ShapesWorld's evaluator for the embedded model), whether each image passed it.
+Images are rendered in batches of prompts through the pipeline's own conditioning, denoiser and sampler, with the
+noise of prompt i drawn from its own generator seeded `seed + i` — the image `pipe.generate(prompt, seed=seed + i)`
+gives, up to batched-matmul rounding.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..denoiser import Denoiser
+from ..samplers import randn, resolve_sampler, sample
+from .ssim import ssim
+
+STEP_GRID = (4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
+DEFAULT_TAU = 0.9           # provisional: `benchmarks/dynamic_execution.py tune` picks τ from the embedded
+                            # model's labels (the smallest keeping fixed-20 accuracy); see docs/benchmarks.md
+FORMAT = "fastldm-step-labels-1"
+
+
+@dataclass
+class LabelTable:
+    """SSIM of every prompt's image at every step count to its image at steps[-1]; `passed` the judge's verdicts."""
+    model: str
+    sampler: str                  # canonical name (SamplerSpec.name)
+    scheduler: str | None
+    guidance: float
+    width: int
+    height: int
+    steps: tuple[int, ...] = STEP_GRID
+    tau: float = DEFAULT_TAU
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    ssim: list[list[float]] = field(default_factory=list)          # (N, K)
+    passed: list[list[bool]] | None = None                         # (N, K) when a judge ran
+
+    def labels(self, tau: float | None = None) -> np.ndarray:
+        """(N,) the fewest steps whose SSIM to the reference reaches τ (the reference count when none does)."""
+        reach = np.asarray(self.ssim) >= (self.tau if tau is None else tau)      # (N, K)
+        first = np.where(reach.any(axis=1), reach.argmax(axis=1), len(self.steps) - 1)
+        return np.asarray(self.steps)[first]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": FORMAT, **self.__dict__}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LabelTable":
+        data = json.loads(Path(path).read_text())
+        if data.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not a fastldm label table; make one with `fastldm steps label`")
+        data["steps"] = tuple(data["steps"])
+        return cls(**data)
+
+
+def shapes_judge(prompt: str, raw: np.ndarray) -> bool:
+    """ShapesWorld's evaluator on one decoded RGBD image (H, W, 4) in [0, 1]: does it pass every attribute?"""
+    from ..shapes.evaluate import evaluate
+
+    rgb = (raw[..., :3] * 255).round().astype(np.uint8)
+    depth = raw[..., 3] if raw.shape[-1] > 3 else None
+    return all(evaluate(prompt, rgb, depth).values())
+
+
+@torch.no_grad()
+def render(pipe, prompts: list[str], seeds: list[int], steps: int, sampler: str = "DPM++ 2M",
+           scheduler: str | None = None, guidance: float = 7.5, width: int | None = None,
+           height: int | None = None, conditioning=None) -> np.ndarray:
+    """A batch of txt2img images, prompt i from seed i -> (B, H, W, C) float32 in [0, 1].
+    `conditioning`: pipe.conditioning(...)'s result for these prompts, to encode them once for several runs."""
+    spec = resolve_sampler(sampler, scheduler)
+    width, height = width or pipe.config.default_size, height or pipe.config.default_size
+    cond, uncond = conditioning or pipe.conditioning(prompts, "", guidance, width, height)
+    f = pipe.config.vae_scale
+    shape = (1, pipe.config.unet.out_channels, height // f, width // f)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.cat([randn(shape, g, pipe.device, torch.float32) for g in gens])   # (B, C, h, w)
+    denoiser = Denoiser(pipe.unet, pipe.schedule, cond, uncond, guidance,
+                        guidance_embedding_dim=pipe.config.unet.time_cond_proj_dim)
+    latents = sample(denoiser, noise, spec, pipe.schedule, steps, generator=gens)
+    return pipe.decode(latents.to(pipe.dtype))
+
+
+def build_label_table(pipe, prompts: list[str], sampler: str = "DPM++ 2M", *, scheduler: str | None = None,
+                      guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                      steps: tuple[int, ...] = STEP_GRID, tau: float | None = None, seed: int = 0, batch: int = 8,
+                      judge: Callable[[str, np.ndarray], bool] | None = None, table: LabelTable | None = None,
+                      on_batch: Callable[[LabelTable], None] | None = None) -> LabelTable:
+    """Label `prompts` (prompt i with seed `seed + i`): render each at every count of `steps`, SSIM (all output
+    channels: RGB, and depth for RGBD models) against the image at steps[-1], and the judge's verdicts.
+    `table`: a partial table of the same prompts to resume; `on_batch(table)` after every batch (to save it)."""
+    spec = resolve_sampler(sampler, scheduler)
+    width, height = width or pipe.config.default_size, height or pipe.config.default_size
+    if table is None:
+        table = LabelTable(pipe.name, spec.name, scheduler, guidance, width, height, tuple(steps),
+                           DEFAULT_TAU if tau is None else tau,
+                           passed=[] if judge is not None else None)
+    if ((table.sampler, table.guidance, tuple(table.steps)) != (spec.name, guidance, tuple(steps))
+            or table.prompts != prompts[:len(table.prompts)] or (judge is None) != (table.passed is None)):
+        raise ValueError("the table to resume was made with other prompts, sampler, guidance, step grid or judge; "
+                         "give a new output file")
+    for start in range(len(table.prompts), len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        seeds = [seed + i for i in range(start, start + len(chunk))]
+        conditioning = pipe.conditioning(chunk, "", guidance, width, height)
+        images = [render(pipe, chunk, seeds, n, sampler, scheduler, guidance, width, height, conditioning)
+                  for n in steps]                                                 # K x (B, H, W, C)
+        reference = images[-1]
+        sims = np.stack([ssim(img, reference) for img in images], axis=1)        # (B, K)
+        table.prompts += chunk
+        table.seeds += seeds
+        table.ssim += sims.round(5).tolist()
+        if judge is not None:
+            table.passed += [[bool(judge(p, img[b])) for img in images] for b, p in enumerate(chunk)]
+        if on_batch is not None:
+            on_batch(table)
+    return table

@@ -1,0 +1,194 @@
+"""Step predictor: how many denoising steps a prompt needs with a given sampler, read off the prompt's own
+text-encoder output before any denoising (StepSaver, Yu & Barad 2024, arXiv 2408.02054: a small model trained on
+per-prompt convergence labels, see labels.py).
+
+Features (`prompt_features`), per text encoder of the model: the pooled embedding, the mean and standard deviation
+of the final hidden states over the prompt's real tokens (BOS..EOS), and the token count / 77.
+Model (`StepPredictor`): standardise, Linear -> GELU -> Linear to one logit per step count of the label grid,
+trained with cross-entropy on the labels. A prediction is the smallest step count whose cumulative probability
+reaches `quantile`: quantile 0.5 is the median; higher values trade steps for fewer under-predictions (an
+under-predicted prompt loses quality, an over-predicted one only time).
+
+Saved as safetensors next to the model, one file per sampler: `<diffusers folder>/step_predictor/<sampler>.safetensors`
+(for a single-file checkpoint `model.safetensors`: `model.step_predictor/<sampler>.safetensors`), with the step grid,
+sampler and quantile in the file's metadata.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "fastldm-step-predictor-1"
+
+# Step counts a sampler is sensible at: the label grid's 4-50 for second-order multistep solvers (DPM-Solver++
+# README: usable from ~10 NFE, converged at 50); first-order and stochastic samplers from 6; Heun pays two UNet
+# calls per step (so 30 of its steps already cost 59 calls); LCM 1-8 (Luo et al. 2023 recommend 2-8).
+STEP_RANGES = {"euler": (6, 50), "euler_ancestral": (6, 50), "ddim": (6, 50), "dpmpp_2m_sde": (6, 50),
+               "dpmpp_2m_sde_karras": (6, 50), "heun": (4, 30), "lcm": (1, 8)}
+DEFAULT_RANGE = (4, 50)
+
+
+def step_range(sampler: str) -> tuple[int, int]:
+    """(fewest, most) steps `steps="auto"` may pick for a sampler (its canonical name, e.g. "dpmpp_2m")."""
+    return STEP_RANGES.get(sampler, DEFAULT_RANGE)
+
+
+@torch.no_grad()
+def prompt_features(pipe, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> features (N, F) float32 on the CPU from the pipeline's text encoder(s): per encoder the pooled
+    embedding (P), mean and std of the final hidden states over BOS..EOS (C each), and the token count / 77.
+    The prompt is read as written (first 75 tokens; no (word:1.2) weighting)."""
+    feats = []
+    for encoder, tok in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+        if encoder is None:
+            continue
+        tok = tok or pipe.tokenizer
+        ids = tok(prompts).to(pipe.device)                                        # (N, 77)
+        enc = encoder(ids)
+        hidden = enc.hidden.float()                                               # (N, 77, C)
+        n = (ids == tok.eos_id).int().argmax(dim=1) + 1                           # (N,) tokens up to the first EOS
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None] < n[:, None]).float()[..., None]  # (N, 77, 1)
+        count = n[:, None].float()                                                # (N, 1)
+        mean = (hidden * mask).sum(1) / count                                     # (N, C)
+        std = (((hidden - mean[:, None]) ** 2 * mask).sum(1) / count).sqrt()      # (N, C)
+        feats += [enc.pooled.float(), mean, std, count / ids.shape[1]]
+    return torch.cat(feats, dim=1).cpu()                                          # (N, F)
+
+
+class StepPredictor(nn.Module):
+    """features (N, F) -> logits (N, K) over `steps` (the label grid, K counts)."""
+
+    def __init__(self, n_features: int, steps: tuple[int, ...], sampler: str, hidden: int = 64,
+                 quantile: float = 0.5):
+        super().__init__()
+        self.sampler, self.quantile = sampler, float(quantile)
+        self.register_buffer("steps", torch.tensor(steps, dtype=torch.long))    # (K,)
+        self.register_buffer("mean", torch.zeros(n_features))                    # (F,) feature standardisation
+        self.register_buffer("std", torch.ones(n_features))
+        self.hidden = nn.Linear(n_features, hidden)
+        self.out = nn.Linear(hidden, len(steps))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.hidden((features - self.mean) / self.std)))
+
+    @torch.no_grad()
+    def buckets(self, features: torch.Tensor, quantile: float | None = None) -> torch.Tensor:
+        """(N,) index into `steps` of the first bucket whose cumulative probability reaches `quantile`
+        (default: the saved one)."""
+        q = self.quantile if quantile is None else quantile
+        cdf = self(features.float()).softmax(dim=1).cumsum(dim=1)                 # (N, K)
+        return (cdf < q - 1e-6).sum(dim=1).clamp(max=len(self.steps) - 1)
+
+    def predict_steps(self, features: torch.Tensor, quantile: float | None = None) -> list[int]:
+        """Step counts (N,) from `buckets`, clamped to the sampler's sensible range (step_range)."""
+        lo, hi = step_range(self.sampler)
+        return [min(max(int(s), lo), hi) for s in self.steps[self.buckets(features, quantile)]]
+
+    def save(self, path: str | Path, **info) -> Path:
+        """Write the weights and metadata (grid, sampler, quantile, and `info` such as τ) as safetensors."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "sampler": self.sampler, "quantile": repr(self.quantile),
+                "hidden": str(self.hidden.out_features), "info": json.dumps(info)}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StepPredictor":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a fastldm step predictor ({FORMAT}); train one with `fastldm steps train`")
+        state = load_file(str(path))
+        model = cls(state["mean"].numel(), tuple(state["steps"].tolist()), meta["sampler"], int(meta["hidden"]),
+                    float(meta["quantile"]))
+        model.load_state_dict(state)
+        model.info = json.loads(meta.get("info", "{}"))
+        return model.eval()
+
+
+def predictor_path(model_source: str | Path, sampler: str) -> Path:
+    """Where the predictor for `sampler` (canonical name) lives next to a model folder or file."""
+    src = Path(model_source)
+    folder = src / "step_predictor" if src.is_dir() else src.with_name(src.stem + ".step_predictor")
+    return folder / f"{sampler}.safetensors"
+
+
+def load_step_predictor(model_source: str | Path | None, spec) -> StepPredictor:
+    """The predictor saved next to the model for sampler `spec` (a SamplerSpec)."""
+    if model_source is None:
+        raise ValueError("steps='auto' needs a model loaded from disk (its step predictor lies next to it); "
+                         "give a number of steps")
+    path = predictor_path(model_source, spec.name)
+    if not path.exists():
+        have = sorted(p.stem for p in path.parent.glob("*.safetensors"))
+        raise FileNotFoundError(f"no step predictor for sampler {spec.label} at {path} (have: "
+                                f"{', '.join(have) or 'none'}); give a number of steps, or build one with "
+                                "`fastldm steps label` and `fastldm steps train`")
+    return StepPredictor.load(path)
+
+
+def train_step_predictor(features: torch.Tensor, labels, steps: tuple[int, ...], sampler: str, *,
+                         hidden: int = 64, epochs: int = 300, lr: float = 3e-3, l2: float = 1e-2,
+                         quantile: float = 0.5, seed: int = 0) -> StepPredictor:
+    """Fit a StepPredictor on features (N, F) and label step counts (N,) taken from `steps`: full-batch Adam on
+    the cross-entropy over the grid + l2·||W||² (both weight matrices; labels are few and noisy, so the penalty
+    matters more than the width). A few seconds on a CPU for a thousand prompts."""
+    index = {s: i for i, s in enumerate(steps)}
+    if any(int(s) not in index for s in labels):
+        raise ValueError(f"labels must be step counts of the grid {list(steps)}")
+    y = torch.tensor([index[int(s)] for s in labels])                            # (N,)
+    x = features.float()
+    torch.manual_seed(seed)
+    model = StepPredictor(x.shape[1], tuple(steps), sampler, hidden, quantile)
+    model.mean.copy_(x.mean(0))
+    model.std.copy_(x.std(0).clamp_min(1e-6))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        opt.zero_grad()
+        penalty = model.hidden.weight.square().sum() + model.out.weight.square().sum()
+        (F.cross_entropy(model(x), y) + l2 * penalty).backward()
+        opt.step()
+    return model.eval()
+
+
+def evaluate_predictor(model: StepPredictor, features: torch.Tensor, labels, quantile: float | None = None) -> dict:
+    """Error on labelled prompts: mean absolute error in steps, the fraction under-predicted by more than one
+    bucket of the grid (prediction's bucket < label's bucket - 1), and the mean predicted and label steps.
+    Predictions here are not clamped to the sampler's range, so they are comparable with the grid labels."""
+    steps = model.steps.tolist()
+    idx = model.buckets(features, quantile).numpy()
+    label_idx = np.array([steps.index(int(s)) for s in labels])
+    pred = np.array(steps)[idx]
+    return {"mae_steps": float(np.abs(pred - np.asarray(labels)).mean()),
+            "under_gt_1_bucket": float((idx < label_idx - 1).mean()),
+            "mean_predicted": float(pred.mean()), "mean_label": float(np.mean(labels)), "n": len(label_idx)}
+
+
+def train_from_table(pipe, table, *, tau: float | None = None, quantile: float = 0.5, holdout: float = 0.2,
+                     eval_table=None, seed: int = 0) -> tuple[StepPredictor, dict]:
+    """Train on a LabelTable (labels.py) with the features of `pipe`'s text encoder(s). The error is reported on
+    `eval_table` when given, else on a random `holdout` fraction of the table's prompts (left out of training).
+    Returns the predictor and {"train": n, "tau", "quantile", "eval": evaluate_predictor(...)}."""
+    tau = table.tau if tau is None else tau
+    labels = table.labels(tau)
+    feats = prompt_features(pipe, table.prompts)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_eval = 0 if eval_table is not None else int(round(holdout * len(labels)))
+    train, held = order[n_eval:], order[:n_eval]
+    model = train_step_predictor(feats[train], labels[train], table.steps, table.sampler, quantile=quantile,
+                                 seed=seed)
+    report = {"train": len(train), "tau": tau, "quantile": quantile}
+    if eval_table is not None:
+        report["eval"] = evaluate_predictor(model, prompt_features(pipe, eval_table.prompts), eval_table.labels(tau))
+    elif n_eval:
+        report["eval"] = evaluate_predictor(model, feats[held], labels[held])
+    return model, report
