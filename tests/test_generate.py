@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 def pipes(folder):
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(folder), fastldm.load(folder)
+    return StableDiffusionPipeline.from_pretrained(folder), fastldm.load(folder, dtype="fp32")
 
 
 SCHEDULERS = {"DDIM": "DDIMScheduler", "Euler": "EulerDiscreteScheduler", "DPM++ 2M": "DPMSolverMultistepScheduler",
@@ -55,7 +55,9 @@ def test_batch_seeds_are_seed_plus_i(pipes):
     batch = ours.generate("a cube", steps=2, sampler="Euler", seed=5, n=2, width=32, height=32)
     single = ours.generate("a cube", steps=2, sampler="Euler", seed=6, width=32, height=32)
     assert batch.seeds == [5, 6]
-    assert np.abs(batch.raw[1] - single.raw[0]).max() < 1e-5
+    # Same noise, same image: only float op order differs with the batch size (GEMM/attention blocking),
+    # ~1e-5; another seed would differ by O(0.1).
+    assert np.abs(batch.raw[1] - single.raw[0]).max() < 1e-4
 
 
 def test_img2img_matches_diffusers(pipes, folder):
@@ -116,7 +118,7 @@ def test_bad_requests(pipes):
 def test_rgbd_model_returns_depth(tmp_path):
     path = tmp_path / "ldm3d"
     tiny_diffusers_pipeline("ldm3d").save_pretrained(path)
-    ours = fastldm.load(path)
+    ours = fastldm.load(path, dtype="fp32")
     assert ours.config.rgbd
     out = ours.generate("a sphere", steps=2, seed=0, width=32, height=32)
     assert out.depths is not None and out.depths[0].dtype == np.uint16 and out.depths[0].shape == (32, 32)
@@ -174,7 +176,7 @@ def test_sdxl_txt2img_matches_diffusers(tmp_path):
     tiny_diffusers_pipeline("sdxl").save_pretrained(path)
     ref_pipe = StableDiffusionXLPipeline.from_pretrained(path)
     ref_pipe.scheduler = EulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    ours = fastldm.load(path)
+    ours = fastldm.load(path, dtype="fp32")
     for negative in ("", "ugly"):  # empty negative: SDXL's zeroed unconditional embedding
         ref = ref_pipe("a red cube", negative_prompt=negative or None, num_inference_steps=3, guidance_scale=5.0,
                        generator=torch.Generator().manual_seed(4), output_type="np", height=32, width=32).images

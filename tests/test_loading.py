@@ -52,14 +52,14 @@ def _same_outputs(ref_pipe, ours, sdxl=False):
 
 def test_diffusers_folder_sd1(sd1):
     pipe, path = sd1
-    ours = fastldm.load(path)
+    ours = fastldm.load(path, dtype="fp32")
     assert ours.config.family == "sd1" and ours.dtype == torch.float32
     _same_outputs(pipe, ours)
 
 
 def test_diffusers_folder_sdxl(sdxl):
     pipe, path = sdxl
-    ours = fastldm.load(path)
+    ours = fastldm.load(path, dtype="fp32")
     assert ours.config.family == "sdxl" and ours.text_encoder_2 is not None and ours.config.clip_layer == -2
     _same_outputs(pipe, ours, sdxl=True)
     ids = torch.randint(0, 49408, (1, 77))
@@ -74,7 +74,7 @@ def test_fp16_variant_and_dtype(sd1, tmp_path):
     pipe.save_pretrained(path, variant="fp16")
     ours = fastldm.load(path, variant="fp16", dtype="bf16")
     assert ours.dtype == torch.bfloat16 and ours.vae.decoder.conv_in.weight.dtype == torch.bfloat16
-    ours16 = fastldm.load(path)  # only the fp16 variant exists: it is found, and converted to fp32
+    ours16 = fastldm.load(path, dtype="fp32")  # only the fp16 variant exists: it is found and converted
     assert ours16.dtype == torch.float32
 
 
@@ -83,7 +83,7 @@ def test_sharded_folder(sd1, tmp_path):
     path = tmp_path / "sharded"
     pipe.save_pretrained(path, max_shard_size="200KB")
     assert list((path / "unet").glob("*.index.json"))
-    _same_outputs(pipe, fastldm.load(path))
+    _same_outputs(pipe, fastldm.load(path, dtype="fp32"))
 
 
 def _state_dicts(ours):
@@ -94,12 +94,12 @@ def _state_dicts(ours):
 @pytest.mark.parametrize("fixture", ["sd1", "sdxl"])
 def test_single_file_from_our_exporter_loads_identically(fixture, request, tmp_path):
     pipe, path = request.getfixturevalue(fixture)
-    folder = fastldm.load(path)
+    folder = fastldm.load(path, dtype="fp32")
     sds = _state_dicts(folder)
     if folder.text_encoder_2 is not None:
         sds["text_encoder_2"] = folder.text_encoder_2.state_dict()
     f = save_single_file(sds, folder.config, tmp_path / "model.safetensors")
-    single = fastldm.load(f)
+    single = fastldm.load(f, dtype="fp32")
     assert single.config.family == folder.config.family
     for name, sd in sds.items():
         other = getattr(single, name).state_dict()
@@ -135,7 +135,7 @@ def test_missing_key_named(sd1, tmp_path):
     del sd["model.diffusion_model.out.2.weight"]
     save_file(sd, str(f))
     with pytest.raises(ValueError, match="out.2.weight"):
-        fastldm.load(f)
+        fastldm.load(f, dtype="fp32")
 
 
 def test_folder_missing_and_unexpected_keys(sd1, tmp_path):
@@ -146,7 +146,7 @@ def test_folder_missing_and_unexpected_keys(sd1, tmp_path):
     sd["extra.weight"] = sd.pop("conv_out.weight")
     save_file(sd, str(w))
     with pytest.raises(CheckpointError) as e:
-        fastldm.load(path)
+        fastldm.load(path, dtype="fp32")
     msg = str(e.value)
     assert "1 missing (conv_out.weight)" in msg and "1 unexpected (extra.weight)" in msg and "\n" not in msg
 
@@ -158,7 +158,7 @@ def test_folder_shape_mismatch(sd1, tmp_path):
     cfg["out_channels"] = 3
     (path / "unet" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"conv_out.weight has shape \[4, 32, 3, 3\], the config expects"):
-        fastldm.load(path)
+        fastldm.load(path, dtype="fp32")
 
 
 def test_pickle_folder_refused_then_allowed(sd1, tmp_path):
@@ -166,8 +166,8 @@ def test_pickle_folder_refused_then_allowed(sd1, tmp_path):
     path = tmp_path / "bin"
     pipe.save_pretrained(path, safe_serialization=False)
     with pytest.raises(CheckpointError, match="allow_pickle=True"):
-        fastldm.load(path)
-    _same_outputs(pipe, fastldm.load(path, allow_pickle=True))
+        fastldm.load(path, dtype="fp32")
+    _same_outputs(pipe, fastldm.load(path, allow_pickle=True, dtype="fp32"))
 
 
 def test_info_command(sd1, tmp_path):

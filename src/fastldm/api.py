@@ -10,6 +10,7 @@ from . import __version__
 from .images import infotext, save_depth_png, save_png
 from .loading.load import load_components
 from .pipeline import Pipeline
+from .runtime.optimize import optimize
 from .samplers import resolve_sampler
 from .tokenizer import CLIPTokenizer
 
@@ -37,15 +38,20 @@ def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None) -> Pipeline:
+         variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
+         compile: bool | None = None, quant: str | None = None, threads: int | None = None) -> Pipeline:
     """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
 
-    dtype: "fp32" | "fp16" | "bf16" (default fp32 on CPU, fp16 on CUDA); variant: e.g. "fp16" to pick
-    `*.fp16.safetensors` in a folder; allow_pickle: permit .ckpt/.bin files (read with weights_only=True);
-    prediction_type: override "epsilon" / "v_prediction" when the checkpoint cannot tell."""
+    dtype: "fp32" | "fp16" | "bf16" (default: fp16 on CUDA; on CPU bf16 where it has native bf16 dot
+    products, else fp32); variant: e.g. "fp16" to pick `*.fp16.safetensors` in a folder; allow_pickle:
+    permit .ckpt/.bin files (read with weights_only=True); prediction_type: override "epsilon" /
+    "v_prediction" when the checkpoint cannot tell. CPU runtime (fastldm.runtime.optimize): compile: the
+    UNet through torch.compile with a persistent cache (default off); quant: "int8" for int8 weights and
+    activations in the UNet; threads: intra-op threads (default: the CPUs available)."""
     path = Path(path).expanduser()
     config, modules = load_components(path, device=device, dtype=parse_dtype(dtype), variant=variant,
                                       allow_pickle=allow_pickle, prediction_type=prediction_type)
+    optimize(modules, torch.device(device), compile=compile, quant=quant, threads=threads)
     return Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
                     source=path)
 
@@ -75,7 +81,7 @@ def default_model() -> Path:
 
 
 def parameters_text(pipe: Pipeline, result, index: int) -> str:
-    """The A1111 infotext of image `index` of `result`."""
+    """The A1111 infotext of image `index` of `result`. "Steps" is the number of steps run (result.steps)."""
     r = result.request
     spec = resolve_sampler(r.sampler, r.scheduler)
     w, h = result.images[index].size
@@ -84,6 +90,8 @@ def parameters_text(pipe: Pipeline, result, index: int) -> str:
               "CFG scale": f"{r.guidance:g}", "Seed": result.seeds[index], "Size": f"{w}x{h}",
               "Model hash": _hash_of(pipe), "Model": pipe.name,
               "Denoising strength": f"{r.strength:g}" if r.init_image is not None else None,
+              "Early stop": f"{r.early_stop:g}" if r.early_stop is not None else None,
+              "DeepCache interval": r.cache_interval if r.cache_interval > 1 else None,
               "Version": f"fastldm {__version__}"}
     return infotext(r.prompt, r.negative_prompt, params)
 

@@ -1,14 +1,37 @@
 """`fastldm` command line: a thin shell over the Python API (no logic of its own)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
+from .adaptive.early_stop import DEFAULT_THRESHOLD
+
 
 def _fail(e: Exception) -> None:
     raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+class _Steps(click.ParamType):
+    """A positive step count, or "auto" (the model's step predictor)."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        if str(value).isdigit() and 1 <= int(value) <= 1000:
+            return int(value)
+        self.fail(f"{value!r} is not a positive number of steps or 'auto'", param, ctx)
+
+
+def _progress(bar):
+    """A sampler callback that advances `bar`; its length becomes the steps the sampler runs ("auto", img2img)."""
+    def update(info: dict) -> None:
+        bar.length = info["total"]
+        bar.update(1)
+    return update
 
 
 def _size(value: str | None) -> tuple[int | None, int | None]:
@@ -32,7 +55,8 @@ def main() -> None:
 @click.option("--model", "-m", type=click.Path(path_type=Path), help="diffusers folder or .safetensors file "
               "(default: the embedded tiny RGBD model)")
 @click.option("--negative", default="", help="negative prompt")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--steps", default=20, show_default=True, type=_Steps(),
+              help="denoising steps, or 'auto': the model's step predictor picks them for this prompt")
 @click.option("--sampler", default="DPM++ 2M", show_default=True, help="see `fastldm samplers`")
 @click.option("--schedule", "scheduler", default=None, help="sigma schedule: karras, exponential, normal, ...")
 @click.option("--guidance", "--cfg", default=7.5, show_default=True, type=float)
@@ -41,12 +65,24 @@ def main() -> None:
 @click.option("-n", "n", default=1, show_default=True, type=click.IntRange(1, 64), help="images")
 @click.option("--init-image", type=click.Path(path_type=Path), help="img2img source image")
 @click.option("--strength", default=0.75, show_default=True, type=float, help="img2img denoising strength")
+@click.option("--early-stop", is_flag=False, flag_value=DEFAULT_THRESHOLD, default=None, type=float,
+              metavar="[THRESHOLD]", help="stop once a step changes the clean-image estimate by less than "
+              f"THRESHOLD (relative; {DEFAULT_THRESHOLD:g} when given without a value)")
+@click.option("--cache-interval", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="DeepCache: run the full UNet every N calls, only its shallow path in between")
 @click.option("--out", default="outputs", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="default: fp16 on CUDA; bf16 on a CPU with bf16 instructions for SD-sized models, else fp32")
+@click.option("--compile/--no-compile", "compile_unet", default=None,
+              help="torch.compile the UNet (default: off); compiled graphs are cached in ~/.cache/fastldm/inductor")
+@click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
+              "UNet (CPU)")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: torch's, "
+              "capped at the CPUs available)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
-             out, device, dtype, allow_pickle) -> None:
+             early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, allow_pickle) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
     from .pipeline import GenerationRequest
@@ -56,17 +92,105 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
     try:
         resolve_sampler(sampler, scheduler)
         init = api.open_image(init_image) if init_image is not None else None
-        pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle)
+        pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                        compile=compile_unet, quant=quant, threads=threads)
         req = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                 scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
-                                n=n, init_image=init, strength=strength)
-        with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
-            result = pipe.generate(req, callback=lambda info: bar.update(1))
+                                n=n, init_image=init, strength=strength, early_stop=early_stop,
+                                cache_interval=cache_interval)
+        if compile_unet:  # compile (or load from the cache) on a one-step run, and say how long it took
+            from .runtime.compile import timed_first_call
+
+            click.echo(str(timed_first_call(pipe.generate, dataclasses.replace(req, steps=1))), err=True)
+        with click.progressbar(length=steps if steps != "auto" else 1, label="denoising", file=sys.stderr) as bar:
+            result = pipe.generate(req, callback=_progress(bar))
         paths = api.save_result(pipe, result, out)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         _fail(e)
     for p in paths:
         click.echo(p)
+
+
+@main.group()
+def steps() -> None:
+    """Step prediction: label prompts with the steps they need, train the predictor behind --steps auto."""
+
+
+@steps.command("label")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="default: the embedded model")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="text file, one prompt per line")
+@click.option("--sampler", default="DPM++ 2M", show_default=True)
+@click.option("--schedule", "scheduler", default=None)
+@click.option("--guidance", "--cfg", default=7.5, show_default=True, type=float)
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+@click.option("--tau", default=None, type=float,
+              help="SSIM threshold of a label (default: fastldm.adaptive.labels.DEFAULT_TAU)")
+@click.option("--seed", default=0, show_default=True, type=int, help="prompt i uses seed + i")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option("--judge", type=click.Choice(["shapes"]), help="also record ShapesWorld's evaluator per image")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="label table (JSON); an existing one for the same prompts is resumed")
+@click.option("--device", default="cpu", show_default=True)
+def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, batch, judge, out, device) -> None:
+    """Generate each prompt at 4..50 steps and label it with the fewest steps within SSIM TAU of 50."""
+    from . import api
+    from .adaptive.labels import LabelTable, build_label_table, shapes_judge
+
+    width, height = _size(size)
+    lines = [p.strip() for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
+    try:
+        pipe = api.load(model or api.default_model(), device=device)
+        table = LabelTable.load(out) if out.exists() else None
+        with click.progressbar(length=len(lines), label="labelling", file=sys.stderr) as bar:
+            def saved(t):
+                t.save(out)
+                bar.update(len(t.prompts) - bar.pos)
+            table = build_label_table(pipe, lines, sampler, scheduler=scheduler, guidance=guidance, width=width,
+                                      height=height, tau=tau, seed=seed, batch=batch, table=table, on_batch=saved,
+                                      judge=shapes_judge if judge == "shapes" else None)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        _fail(e)
+    labels = table.labels()
+    click.echo(f"{out}: {len(labels)} prompts, mean label {labels.mean():.1f} steps (tau {table.tau:g})")
+
+
+@steps.command("train")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="default: the embedded model")
+@click.option("--labels", "tables", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), help="label table(s), one per sampler")
+@click.option("--eval-labels", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="held-out label table(s) to report the error on, same samplers as --labels")
+@click.option("--tau", default=None, type=float, help="SSIM threshold (default: the table's)")
+@click.option("--quantile", default=0.5, show_default=True, type=click.FloatRange(0.01, 1.0),
+              help="predict the smallest step count with this cumulative probability (higher: more steps)")
+@click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9),
+              help="fraction of prompts held out to report the error when no --eval-labels")
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the predictors (default: the model's step_predictor/)")
+def steps_train(model, tables, eval_labels, tau, quantile, holdout, out) -> None:
+    """Train the --steps auto predictor from label tables and save it next to the model."""
+    from . import api
+    from .adaptive.labels import LabelTable
+    from .adaptive.predictor import predictor_path, train_from_table
+
+    try:
+        source = Path(model or api.default_model())
+        pipe = api.load(source)
+        evals = {t.sampler: t for t in map(LabelTable.load, eval_labels)}
+        for path in tables:
+            table = LabelTable.load(path)
+            predictor, report = train_from_table(pipe, table, tau=tau, quantile=quantile, holdout=holdout,
+                                                 eval_table=evals.get(table.sampler))
+            dest = (out / f"{table.sampler}.safetensors" if out else predictor_path(source, table.sampler))
+            predictor.save(dest, **report)
+            e = report.get("eval")
+            click.echo(f"{dest}: {table.sampler}, {report['train']} prompts"
+                       + (f"; held-out ({e['n']}): mean |error| {e['mae_steps']:.2f} steps, under by >1 bucket "
+                          f"{100 * e['under_gt_1_bucket']:.1f}%, mean {e['mean_predicted']:.1f} vs label "
+                          f"{e['mean_label']:.1f} steps" if e else ""))
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        _fail(e)
 
 
 @main.command()
@@ -105,6 +229,46 @@ def eval_shapes(image, caption, depth) -> None:
         click.echo(eval_shapes_cli(str(image), caption, None if depth is None else str(depth)))
     except (ValueError, OSError) as e:
         _fail(e)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: the kernel ablation table."""
+
+
+@bench.command("ablation")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--model", "-m", default="sd15", show_default=True,
+              help="sd15 or sdxl (full size, random weights) or a checkpoint path")
+@click.option("--size", default=None, type=click.IntRange(8, 4096), help="image side in pixels (default: the model's)")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="default fp16 on CUDA, fp32 on CPU")
+@click.option("--repeats", default=None, type=click.IntRange(1, 1000), help="timed calls per row (default 20 on "
+              "CUDA, 5 on CPU)")
+@click.option("--no-compile", is_flag=True, help="skip the diffusers + torch.compile row (compiling takes minutes)")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="CPU threads (default: torch's)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the result as JSON")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), help="write the table")
+def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, json_path, md_path) -> None:
+    """Per-UNet-call latency and memory as kernels are added (Chen et al. 2023, Table 1), with diffusers
+    eager and compiled on the same weights."""
+    import json
+
+    from .api import parse_dtype
+    from .bench.ablation import ablation, markdown
+
+    try:
+        result = ablation(model, device, size, parse_dtype(dtype), repeats, with_compile=not no_compile,
+                          threads=threads)
+        result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
+        table = markdown(result)
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=1))
+        if md_path:
+            md_path.write_text(table + "\n")
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        _fail(e)
+    click.echo(table)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,23 @@ of CPU generators, so the same seed, sampler and model give diffusers' image.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .adaptive.deep_cache import DeepCache
+from .adaptive.early_stop import EarlyStop
+from .adaptive.predictor import load_step_predictor, prompt_features
 from .config import ModelConfig
 from .denoiser import Denoiser
-from .samplers import randn, resolve_sampler, sample
+from .samplers import SamplerSpec, randn, resolve_sampler, sample
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
 
@@ -27,7 +31,7 @@ class GenerationRequest:
     """What to generate. Shared by the Python API, the CLI and the HTTP server."""
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
+    steps: int | Literal["auto"] = 20     # "auto": the model's step predictor for this prompt and sampler
     sampler: str = "DPM++ 2M"
     scheduler: str | None = None          # sigma schedule: "karras", "exponential", "normal", ... (None: sampler's)
     guidance: float = 7.5
@@ -37,6 +41,8 @@ class GenerationRequest:
     n: int = 1
     init_image: Image.Image | None = None # img2img source, with `strength` in (0, 1]
     strength: float = 0.75
+    early_stop: float | None = None       # stop when the x0 estimate changes by less than this (adaptive.EarlyStop)
+    cache_interval: int = 1               # DeepCache: the full UNet every N calls, the shallow path between
 
 
 @dataclass
@@ -150,10 +156,32 @@ class Pipeline:
     # ---- generation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def conditioning(self, prompts: list[str], negative_prompt: str, guidance: float, width: int,
+                     height: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The denoiser's (cond, uncond) for a batch of prompts sharing one negative prompt; uncond is None
+        when guidance is 1 (no CFG batch)."""
+        n = len(prompts)
+        n_chunks = self._chunks([*prompts, negative_prompt])
+        cond = self.encode_prompt(prompts, n_chunks)
+        uncond = None
+        if guidance != 1.0:
+            if self.text_encoder_2 is not None and negative_prompt == "":
+                uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # SDXL force_zeros_for_empty_prompt
+            else:
+                uncond = self.encode_prompt([negative_prompt] * n, n_chunks)
+        if self.text_encoder_2 is not None:
+            ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
+            cond["time_ids"] = ids.expand(n, 6)
+            if uncond is not None:
+                uncond["time_ids"] = cond["time_ids"]
+        return cond, uncond
+
+    @torch.no_grad()
     def generate(self, request: GenerationRequest | str | None = None, *,
                  callback: Callable[[dict], bool | None] | None = None, **kw) -> GenerationResult:
         """Run one request. `callback(info)` is called after every step with {"i", "total", "sigma", "x",
-        "denoised"}; returning True stops sampling early (the current clean estimate is decoded)."""
+        "denoised"}; returning True stops sampling early (the current clean estimate is decoded).
+        `result.steps` is the number of steps run (after "auto", img2img strength and early stop)."""
         if isinstance(request, str):
             request = GenerationRequest(prompt=request, **kw)
         elif request is None:
@@ -164,48 +192,48 @@ class Pipeline:
         size = self.config.default_size
         width, height = r.width or size, r.height or size
         self._check_size(width, height)
-        if r.n < 1 or r.steps < 1:
-            raise ValueError(f"n and steps must be at least 1 (got n={r.n}, steps={r.steps})")
+        if r.steps != "auto" and not (isinstance(r.steps, int) and r.steps >= 1):
+            raise ValueError(f"steps must be a positive integer or 'auto', got {r.steps!r}")
+        if r.n < 1 or r.cache_interval < 1:
+            raise ValueError(f"n and cache_interval must be at least 1 (got n={r.n}, "
+                             f"cache_interval={r.cache_interval})")
         if r.init_image is not None and not 0.0 < r.strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {r.strength}")
         spec = resolve_sampler(r.sampler, r.scheduler)
+        early_stop = EarlyStop(r.early_stop) if r.early_stop is not None else None
+        steps = self.auto_steps(r.prompt, spec) if r.steps == "auto" else r.steps
         seed = r.seed if r.seed is not None else random.randrange(2**32 - 1)
         seeds = [seed + i for i in range(r.n)]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
-        n_chunks = self._chunks([r.prompt, r.negative_prompt])
-        cond = self.encode_prompt([r.prompt] * r.n, n_chunks)
-        uncond = None
-        if r.guidance != 1.0:
-            if self.text_encoder_2 is not None and r.negative_prompt == "":
-                uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # SDXL force_zeros_for_empty_prompt
-            else:
-                uncond = self.encode_prompt([r.negative_prompt] * r.n, n_chunks)
-        if self.text_encoder_2 is not None:
-            ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
-            cond["time_ids"] = ids.expand(r.n, 6)
-            if uncond is not None:
-                uncond["time_ids"] = cond["time_ids"]
-
+        cond, uncond = self.conditioning([r.prompt] * r.n, r.negative_prompt, r.guidance, width, height)
         f, ch = self.config.vae_scale, self.config.unet.out_channels
         shape = (1, ch, height // f, width // f)
         init = None
         if r.init_image is not None:
             init = self.encode_image(r.init_image, width, height, gens)
         noise = torch.cat([randn(shape, g, self.device, torch.float32) for g in gens])
-        denoiser = Denoiser(self.unet, self.schedule, cond, uncond, r.guidance,
+        unet = self.unet if r.cache_interval == 1 else functools.partial(self.unet, cache=DeepCache(r.cache_interval))
+        denoiser = Denoiser(unet, self.schedule, cond, uncond, r.guidance,
                             guidance_embedding_dim=self.config.unet.time_cond_proj_dim)
         steps_run = [0]
 
-        def on_step(info: dict):
+        def on_step(info: dict) -> bool:
             steps_run[0] = info["i"] + 1
-            return callback(info) if callback is not None else None
+            converged = early_stop(info) if early_stop is not None else False
+            return bool(callback(info) if callback is not None else False) or converged
 
-        latents = sample(denoiser, noise, spec, self.schedule, r.steps, generator=gens, callback=on_step,
+        latents = sample(denoiser, noise, spec, self.schedule, steps, generator=gens, callback=on_step,
                          init_latents=init, strength=r.strength if init is not None else 1.0)
         raw = self.decode(latents.to(self.dtype))
         images, depths = self._to_outputs(raw)
         return GenerationResult(images, depths, seeds, steps_run[0], r, latents, raw)
+
+    def auto_steps(self, prompt: str, spec: SamplerSpec) -> int:
+        """The step count the model's step predictor (adaptive/predictor.py, saved next to the model) gives
+        `prompt` with sampler `spec`, within the sampler's sensible range."""
+        predictor = load_step_predictor(self.source, spec)
+        return predictor.predict_steps(prompt_features(self, [prompt]))[0]
 
     def __repr__(self) -> str:
         return f"Pipeline({self.config.family}, {self.name or 'unnamed'}, {self.dtype}, {self.device})"

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
 from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from ..runtime.device import default_dtype
 from .detect import detect_single_file
 from .keymaps import apply_op, canonical_clip_keys, ldm_to_ours, modernize_vae_keys
 from .safetensors_io import (PICKLE_SUFFIXES, CheckpointError, TensorInfo, TensorReader, load_pickle,
@@ -134,7 +135,7 @@ def _folder_weights(folder: Path, component: str, variant: str | None, allow_pic
     return fetch
 
 
-def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, variant: str | None = None,
+def load_folder(folder: Path, dtype: torch.dtype | None, device: torch.device, variant: str | None = None,
                 allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, nn.Module]]:
     index = _read_json(folder / "model_index.json")
     config = _folder_config(folder, index)
@@ -146,7 +147,8 @@ def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, variant:
             if sub is None:
                 continue
             fetch = _folder_weights(folder, comp, variant, allow_pickle, reader)
-            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype), device, str(folder))
+            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype, device), device,
+                                  str(folder))
     finally:
         reader.close()
     return config, modules
@@ -154,7 +156,7 @@ def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, variant:
 
 # ---- single files -------------------------------------------------------------------------------------------
 
-def load_single_file(path: Path, dtype: torch.dtype, device: torch.device, allow_pickle: bool = False,
+def load_single_file(path: Path, dtype: torch.dtype | None, device: torch.device, allow_pickle: bool = False,
                      prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
     reader = TensorReader()
     if path.suffix in PICKLE_SUFFIXES:
@@ -172,21 +174,20 @@ def load_single_file(path: Path, dtype: torch.dtype, device: torch.device, allow
         for comp, table in maps.items():
             sub = getattr(config, comp)
             fetch = {ours: (lambda r=r: apply_op(r.op, get(r.src))) for ours, r in table.items()}
-            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype), device, str(path))
+            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype, device), device, str(path))
     finally:
         reader.close()
     return config, modules
 
 
-def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype) -> torch.dtype:
-    """fp16 VAEs overflow in the decoder unless the checkpoint says otherwise (`force_upcast`)."""
+def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype | None,
+                     device: torch.device) -> torch.dtype:
+    """The requested dtype, else the device's default for this model (runtime.device.default_dtype);
+    fp16 VAEs overflow in the decoder unless the checkpoint says otherwise (`force_upcast`)."""
+    dtype = dtype or default_dtype(device, config)
     if component == "vae" and dtype == torch.float16 and config.vae.force_upcast:
         return torch.float32
     return dtype
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def load_components(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -194,7 +195,6 @@ def load_components(path: str | Path, *, device: str | torch.device = "cpu", dty
                     prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
     """(config, {"text_encoder", ["text_encoder_2"], "unet", "vae": module}) from a folder or a file."""
     path, device = Path(path).expanduser(), torch.device(device)
-    dtype = dtype or default_dtype(device)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from . import reference, winograd
+from . import blocked_attention, reference, winograd
 from .registry import BackendUnavailable, backends, dispatch, prefer, register, select, use
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
     register(_op, "reference", getattr(reference, _op), priority=-100)
 # Winograd trades accuracy for speed: below the reference, so only `use()` or a measured table picks it.
 register("conv2d", "winograd", winograd.conv2d, winograd.supports, priority=-150)
+# Query-blocked attention beats torch's fused CPU kernel at SD's long self-attention (measured, see its file).
+register("attention", "blocked", blocked_attention.attention, blocked_attention.supports, priority=0)
 
 from . import triton  # noqa: E402,F401  (registers the Triton kernels when triton is installed)
 

@@ -76,8 +76,15 @@ def _auto_order(op: str, args: tuple) -> list[Backend]:
     return _backends[op] if name is None else sorted(_backends[op], key=lambda b: b.name != name)
 
 
+@torch.compiler.assume_constant_result
+def _forced_backend(op: str) -> str | None:
+    """The backend forced for `op` by `use()`, if any. Under torch.compile this is read once, at trace time
+    (a context variable cannot be traced), so a compiled model keeps the backends it was compiled with."""
+    return _forced.get().get(op)
+
+
 def dispatch(op: str, *args, **kwargs):
-    forced = _forced.get().get(op)
+    forced = _forced_backend(op)
     if forced is not None:
         backend = next((b for b in _backends[op] if b.name == forced), None)
         if backend is None:

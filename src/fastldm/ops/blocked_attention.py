@@ -1,0 +1,75 @@
+"""Query-blocked attention for CPUs: softmax(q kᵀ / √D) v one L2-sized score block at a time.
+
+For each (batch, head), the queries are cut into blocks of R rows; a block's scores S = q_R kᵀ
+(R × M) are produced by one oneDNN GEMM, normalised by a row softmax while they are still in the cores'
+L2 caches, and multiplied into v by a second GEMM. R is chosen so each thread's rows of a bf16 score
+block take 1 MiB (R = threads · 2^19 / M, a power of two), the per-core L2 of current x86 server cores. This is the query-blocking
+of memory-efficient attention (Rabe & Staats 2021, "Self-attention Does Not Need O(n²) Memory") without
+the key-blocking: with the whole key range in one block the softmax needs no running rescale.
+
+Why not torch's fused CPU kernel (`scaled_dot_product_attention`)? At Stable Diffusion's shapes (head
+dim 40/80/160) it runs its inner GEMMs as many tiny calls; on the project's AVX-512 box this blocking was
+2.4× faster at 4096 tokens (SD 1.5 at 512², 64×64 latent: 297 vs 727 ms per call on one thread) and
+2.9× at 1024 tokens, which is half of a UNet step there.
+
+Limits, checked by `supports`: CPU tensors in bf16 (fp32 keeps torch's kernel), no causal mask, no fp32
+upcast, and at least MIN_KEYS keys (with a short context, as in cross-attention on 77 text tokens,
+torch's kernel is as fast). Precision: P is rounded to bf16 before P·v, as in the plain bf16
+softmax(q kᵀ) v it is tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_KEYS = 256
+BLOCK_BYTES = 1 << 20
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+             upcast: bool = False) -> str | None:
+    if q.device.type != "cpu":
+        return f"blocked attention is for CPU tensors, got {q.device.type}"
+    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"blocked attention runs bf16 only, got {q.dtype}"
+    if causal or upcast:
+        return "blocked attention has no causal mask and no fp32 upcast"
+    if q.dim() != 4 or k.shape[2] < MIN_KEYS:
+        return f"blocked attention pays from {MIN_KEYS} keys on, got {k.shape[2]}"
+    return None
+
+
+def block_rows(n_keys: int, threads: int = 1) -> int:
+    """Query rows per block: a power of two with rows · n_keys · 2 bytes ≈ threads · BLOCK_BYTES."""
+    rows = max(1, threads * BLOCK_BYTES // (2 * n_keys))
+    return 1 << (rows.bit_length() - 1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              upcast: bool = False) -> torch.Tensor:
+    """q (B, H, N, D), k and v (B, H, M, D) -> (B, H, N, D), any strides (the UNet passes (B, N, H, D)
+    transposed views). The result is a (B, N, H, D) tensor viewed as (B, H, N, D), so the caller's
+    transpose back to tokens is free. `causal` and `upcast` must be False (see `supports`)."""
+    return _blocked(q, k, v).transpose(1, 2)
+
+
+# A custom op, so torch.compile keeps the block loop as one opaque call instead of unrolling it.
+@torch.library.custom_op("fastldm::blocked_attention", mutates_args=())
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, N, D), k and v (B, H, M, D) -> (B, N, H, D)."""
+    B, H, N, D = q.shape
+    rows = block_rows(k.shape[2], torch.get_num_threads())
+    q = q * D ** -0.5                               # (B, H, N, D), the scale applied once
+    out = torch.empty(B, N, H, D, dtype=q.dtype)   # (B, N, H, D)
+    for b in range(B):
+        for h in range(H):
+            kt, vh = k[b, h].T, v[b, h]             # (D, M), (M, D)
+            for i in range(0, N, rows):
+                scores = torch.mm(q[b, h, i:i + rows], kt)                # (R, M)
+                out[b, i:i + rows, h] = torch.mm(torch.softmax(scores, dim=-1), vh)  # (R, D)
+    return out
+
+
+@_blocked.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D)

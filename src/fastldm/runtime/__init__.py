@@ -1,0 +1,1 @@
+"""Runtime: device/dtype handling, memory planning, CUDA graphs."""

@@ -1,0 +1,104 @@
+"""The kernel ablation table (fastldm.bench.ablation): rows, n/a reasons, memory accounting, peers on the
+same weights. Tiny UNets at an 8×8 latent; nothing here checks a speed (that is the benchmark's job)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastldm.bench import ablation as A
+from fastldm.cli import main
+from fastldm.config import UNetConfig
+from fastldm.ops import winograd
+
+TINY = UNetConfig(block_out_channels=(32, 64), layers_per_block=(1, 1), cross_attn=(True, False),
+                  attention_heads=(2, 2), transformer_layers_per_block=(1, 1), norm_num_groups=8,
+                  cross_attention_dim=16, sample_size=8)
+TINY_XL = dataclasses.replace(TINY, use_linear_projection=True, cross_attention_dim=32, addition_time_embed_dim=8,
+                              projection_class_embeddings_input_dim=16 + 6 * 8)
+NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+Winograd", "+CUDA graphs", "diffusers eager",
+         "diffusers + torch.compile"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's barriers make
+    each tiny UNet call ~100x slower (seconds instead of ~20 ms); the table logic is the same either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_peak_bytes_counts_what_a_call_allocates_on_cpu():
+    mb = 2**20 // 4  # float32 elements in 1 MiB
+
+    def step():
+        a = torch.ones(mb)        # 1 MiB live
+        b = torch.ones(2 * mb)    # 3 MiB live: the peak
+        del a, b
+        return torch.ones(mb)     # 1 MiB (the output)
+    peak = A.peak_bytes(step, torch.device("cpu"))
+    assert 3 * 2**20 <= peak < 3 * 2**20 + 4096, peak  # a few bytes of bookkeeping allocations at most
+
+
+def test_ablation_table_on_cpu(one_thread):
+    pytest.importorskip("diffusers")
+    unet = A.random_unet(TINY)
+    result = A.run_ablation(unet, latent=8, repeats=2, warmup=0, with_compile=False)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert [r["name"] for r in result["rows"]] == NAMES
+    for name in ("+Opt. softmax", "+S-GN/GELU", "+FlashAttn"):
+        assert rows[name]["na"] == "Triton needs CUDA" and rows[name]["ms"] is None
+    assert rows["+CUDA graphs"]["na"] == "CUDA graphs need CUDA"
+    assert rows["diffusers + torch.compile"]["na"] == "skipped: --no-compile"
+
+    base, wino, peer = rows["Baseline"], rows["+Winograd"], rows["diffusers eager"]
+    params = sum(p.numel() * 4 for p in unet.parameters())
+    for r in (base, wino, peer):
+        assert r["na"] is None and r["ms"] > 0 and r["first_call_s"] > 0 and r["tensor_mb"] > 0
+    assert base["backends"] == "reference" and "conv2d=winograd" in wino["backends"]
+    assert base["weight_mb"] == peer["weight_mb"] == round(params / 2**20, 1)
+    conv3x3 = sum(m.weight.numel() * 4 for m in unet.modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1))
+    assert wino["weight_mb"] == round((params + 4 * conv3x3) / 2**20, 1)  # transformed weights: 36/9 = 4x
+    assert winograd.WEIGHTS.max_bytes == 4 << 30  # the run restored the cache limit
+    # fp32: Winograd's error is ~1e-5 of max|y| per conv (tests/ops/test_winograd.py), compounded over a few
+    # convs; diffusers runs the same math on the same (shared) weights, so only summation order can differ.
+    assert base["rel_err"] == 0.0 and 0 < wino["rel_err"] < 1e-4 and peer["rel_err"] < 1e-5
+
+    table = A.markdown(result)
+    assert table.count("n/a (Triton needs CUDA)") == 3 and "| Baseline | reference |" in table
+    assert len(table.splitlines()) == 4 + len(NAMES)
+    assert json.loads(json.dumps(result))["meta"]["tensor_mb"].startswith("torch.profiler")
+
+
+def test_sdxl_style_inputs_reach_both_engines(one_thread):
+    """text_embeds / time_ids go to our UNet as keywords and to diffusers as added_cond_kwargs."""
+    pytest.importorskip("diffusers")
+    unet = A.random_unet(TINY_XL)
+    result = A.run_ablation(unet, latent=8, repeats=1, warmup=0, with_compile=False)
+    peer = next(r for r in result["rows"] if r["name"] == "diffusers eager")
+    assert peer["na"] is None and peer["rel_err"] < 1e-5  # fp32, same weights (see above)
+
+
+def test_cli_rejects_a_size_the_vae_cannot_take():
+    out = CliRunner().invoke(main, ["bench", "ablation", "--size", "100"])
+    assert out.exit_code != 0 and "multiple of 8" in out.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ablation_rows_run_on_cuda():
+    from fastldm.ops.triton.device import INTERPRET
+
+    if INTERPRET:
+        pytest.skip("run with TRITON_INTERPRET=0 to compile the Triton kernels for the GPU")
+    unet = A.random_unet(TINY, "cuda", torch.float16)
+    rows = {r["name"]: r for r in A.run_ablation(unet, latent=8, repeats=2, peers=False)["rows"]}
+    for name in NAMES[:6]:
+        assert rows[name]["na"] is None and rows[name]["ms"] > 0, rows[name]
+    # fp16 with Winograd (~1% of max|y| per conv in fp16, tests/ops/test_winograd.py) over a few convs.
+    assert rows["+CUDA graphs"]["rel_err"] < 0.1
