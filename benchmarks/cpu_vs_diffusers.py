@@ -15,8 +15,9 @@ Measured:
                first call (warm-up, and the compile for diffusers-best) is reported apart; median of
                --repeats. The sampler update is a few element-wise ops on the latent and is left out.
   end to end   one 20-step DPM++ 2M image (text encoders, sampler, VAE decode), same prompt and seed;
-               PSNR of fastldm-int8's final latents against fastldm's (bf16), peak = the bf16 latents'
-               range (random weights decode to a near-constant grey image, so the image PSNR says nothing).
+               Random weights decode to a near-constant grey image and their ε barely moves the latents,
+               so the int8 check at full size is one UNet call's output, int8 vs bf16 (PSNR, peak = the
+               bf16 output's range); the image check is the embedded model's, below.
   embedded     the embedded ShapesWorld model, default vs int8: image PSNR and the evaluator's scores.
   cold start   a fresh process: imports, load, (compile,) and the first 20-step 512² image.
   ceilings     a 4096³ bf16 matmul and a bf16 3×3 conv (2×320×64×64) in TFLOP/s; floor = 1.61 TFLOP
@@ -65,7 +66,8 @@ class Engine:
             if name == "diffusers-best":
                 pipe.unet.to(memory_format=torch.channels_last)
                 pipe.vae.to(memory_format=torch.channels_last)
-                pipe.unet = torch.compile(pipe.unet, options={"freezing": True})
+                # static shapes: each resolution gets its own specialised graph (compiled at its warm-up)
+                pipe.unet = torch.compile(pipe.unet, dynamic=False, options={"freezing": True})
             self.pipe, self.unet = pipe, pipe.unet
         self.load_s = time.perf_counter() - t0
 
@@ -89,10 +91,7 @@ class Engine:
     def generate(self, size: int, steps: int, out: str | None) -> float:
         t0 = time.perf_counter()
         if self.name.startswith("fastldm"):
-            res = self.pipe.generate(PROMPT, steps=steps, seed=SEED, width=size, height=size, guidance=7.5)
-            raw = res.raw
-            if out:  # random weights decode to a near-constant grey: the latents carry the comparison
-                np.save(out.replace(".npy", "_latents.npy"), res.latents.float().numpy())
+            raw = self.pipe.generate(PROMPT, steps=steps, seed=SEED, width=size, height=size, guidance=7.5).raw
         else:
             g = self.torch.Generator().manual_seed(SEED)
             raw = self.pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, width=size, height=size,
@@ -101,6 +100,12 @@ class Engine:
         if out:
             np.save(out, raw.astype(np.float32))
         return dt
+
+    def step_output(self, size: int, out: str) -> None:
+        """Save one UNet call's output (the model's ε for the batch-2 CFG input) as .npy."""
+        call = self.unet_call(size)
+        with self.torch.no_grad():
+            np.save(out, call().float().numpy())
 
     def profile(self, size: int, rows: int = 15) -> str:
         from torch.profiler import ProfilerActivity, profile
@@ -128,6 +133,9 @@ def worker(name: str, folder: str, threads: int | None, cold: bool, t_start: flo
             res = {"s": engine.step(cmd["size"])}
         elif cmd["op"] == "generate":
             res = {"s": engine.generate(cmd["size"], cmd["steps"], cmd.get("out"))}
+        elif cmd["op"] == "step_output":
+            engine.step_output(cmd["size"], cmd["out"])
+            res = {}
         elif cmd["op"] == "profile":
             res = {"table": engine.profile(cmd["size"])}
         else:
@@ -242,6 +250,8 @@ def main() -> None:
 
     sizes = [int(s) for s in a.sizes.split(",")]
     e2e_sizes = [int(s) for s in (a.e2e_sizes or a.sizes).split(",")]
+    e2e = {size: [e.split("@")[0] for e in a.e2e.split(",") if "@" not in e or e.endswith(f"@{size}")]
+           for size in e2e_sizes}
     names = a.engines.split(",")
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "threads": a.threads,
                  "ceilings": ceilings()}
@@ -261,16 +271,19 @@ def main() -> None:
         for n, r in runs.items():
             out["step_s"].setdefault(n, {})[size] = {"median": statistics.median(r), "runs": r}
             print(n, size, "step median", round(statistics.median(r), 3), [round(x, 2) for x in r], flush=True)
-    for size in e2e_sizes:
-        for n in [e.split("@")[0] for e in a.e2e.split(",") if "@" not in e or e.endswith(f"@{size}")]:
+        # 20-step images right after this size's steps, while every engine holds this size's graphs
+        for n in e2e.get(size, []):
             if n in workers:
                 path = str(tmp / f"cpu_bench_{n}_{size}.npy")
                 out["e2e_s"].setdefault(n, {})[size] = workers[n].ask(op="generate", size=size, steps=20, out=path)["s"]
                 print(n, size, "20-step image", round(out["e2e_s"][n][size], 1), flush=True)
-        if {"fastldm", "fastldm-int8"} <= set(workers) and {"fastldm", "fastldm-int8"} <= set(a.e2e.split(",")):
-            lat = [np.load(tmp / f"cpu_bench_{n}_{size}_latents.npy") for n in ("fastldm", "fastldm-int8")]
-            out["psnr_int8_db"][size] = psnr(lat[1], lat[0], peak=float(lat[0].max() - lat[0].min()))
-            print("latent PSNR int8 vs bf16", size, round(out["psnr_int8_db"][size], 2), flush=True)
+        if {"fastldm", "fastldm-int8"} <= set(workers):
+            eps = []
+            for n in ("fastldm", "fastldm-int8"):
+                workers[n].ask(op="step_output", size=size, out=str(tmp / f"cpu_bench_eps_{n}_{size}.npy"))
+                eps.append(np.load(tmp / f"cpu_bench_eps_{n}_{size}.npy"))
+            out["psnr_int8_db"][size] = psnr(eps[1], eps[0], peak=float(eps[0].max() - eps[0].min()))
+            print("UNet output PSNR int8 vs bf16", size, round(out["psnr_int8_db"][size], 2), flush=True)
     out["profile"] = {n: workers[n].ask(op="profile", size=sizes[0])["table"]
                       for n in ("fastldm", "diffusers-best") if n in workers}
     for w in workers.values():
@@ -282,7 +295,8 @@ def main() -> None:
         env = {**os.environ, "FASTLDM_BENCH_COLD": "1", "FASTLDM_BENCH_T0": str(time.time())}
         args = [sys.executable, __file__, "--worker", n, "--folder", str(a.folder)]
         args += ["--threads", str(a.threads)] if a.threads else []
-        res = json.loads(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        done = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+        res = json.loads(done.stdout.splitlines()[-1])
         out["cold_s"][n] = res
         print(n, "cold start (process start -> first 20-step 512² image)", round(res["cold_s"], 1), flush=True)
     if a.embedded:
@@ -300,7 +314,7 @@ def print_table(out: dict, sizes: list[int]) -> None:
           f"{c['conv3x3_bf16_tflops']:.3f} TFLOP/s -> floor {floor:.2f} s per 512² CFG step")
     steps = out["step_s"]
     ref = "diffusers-best"
-    print("| engine | " + " | ".join(f"{s}² step (s) | vs {ref}" for s in sizes) + " | first call 512² (s) |")
+    print("| engine | " + " | ".join(f"{s}² step (s) | vs {ref}" for s in sizes) + f" | first call {sizes[0]}² (s) |")
     print("|---|" + "---|---|" * len(sizes) + "---|")
     for n, per in steps.items():
         cells = []
@@ -315,7 +329,7 @@ def print_table(out: dict, sizes: list[int]) -> None:
     for n, per in out["e2e_s"].items():
         print(f"20-step image {n}: " + ", ".join(f"{s}² {t:.1f} s" for s, t in per.items()))
     for s, p in out["psnr_int8_db"].items():
-        print(f"latent PSNR (peak = latent range) int8 vs bf16 at {s}²: {p:.1f} dB")
+        print(f"UNet output PSNR (peak = output range) int8 vs bf16 at {s}²: {p:.1f} dB")
     for n, r in out["cold_s"].items():
         print(f"cold start {n}: {r['cold_s']:.1f} s (load {r['load_s']:.1f} s)")
 

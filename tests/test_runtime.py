@@ -89,7 +89,7 @@ def test_bf16_channels_last_within_twice_torch_bf16_error():
 def test_int8_close_to_bf16():
     model = tiny_unet(torch.bfloat16).to(memory_format=torch.channels_last)
     q = copy.deepcopy(model)
-    n = quant.quantize_int8(q)
+    n = quant.quantize_int8(q, fused=False)  # the compiled quantizer is checked against eager below
     assert n > 0 and isinstance(q.down_blocks[0].resnets[0].conv1, quant.Int8Conv2d)
     assert isinstance(q.conv_in, torch.nn.Conv2d) and not isinstance(q.conv_in, quant.Int8Conv2d)  # skipped
     x, t, ctx = unet_inputs()
@@ -110,3 +110,12 @@ def test_quantize_activation_roundtrip():
     # Asymmetric: the SiLU range [-0.28, max] spread over all 256 levels, so the rounding error is half a step.
     assert ((q.float() - zero) * scale - x).abs().max() <= scale / 2 + 1e-6
     assert scale <= (x.max() - x.min()) / 255 + 1e-6
+
+
+def test_fused_quantizer_matches_eager():
+    """The inductor-compiled quantizer (the default of quantize_int8) gives the eager one's bits."""
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(2, 8, 6, 6, generator=g).bfloat16().to(memory_format=torch.channels_last),
+              torch.randn(10, 24, generator=g).bfloat16()):
+        for a, b in zip(quant.fused_quantizer()(x), quant.quantize_activation(x)):
+            assert torch.equal(a, b)

@@ -37,11 +37,11 @@ def test_matches_reference(N, M, D):
     assert (out.double() - ref).abs().max() <= bound
 
 
-def test_block_rows_fill_one_mib():
-    assert blocked_attention.block_rows(4096) == 128  # 128 · 4096 · 2 bytes = 1 MiB
-    assert blocked_attention.block_rows(1024) == 512
-    assert blocked_attention.block_rows(3000) == 128  # rounded down to a power of two
-    assert blocked_attention.block_rows(4096, threads=2) == 256  # 1 MiB per thread
+def test_block_rows_fill_two_mib_per_thread():
+    assert blocked_attention.block_rows(4096) == 256  # 256 · 4096 · 2 bytes = 2 MiB
+    assert blocked_attention.block_rows(1024) == 1024
+    assert blocked_attention.block_rows(3000) == 256  # rounded down to a power of two
+    assert blocked_attention.block_rows(4096, threads=2) == 512  # 2 MiB per thread
 
 
 def test_auto_picks_it_only_where_it_applies():
