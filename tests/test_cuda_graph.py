@@ -1,6 +1,7 @@
 """CUDA-graph capture and replay of the UNet call (fastldm.runtime.cuda_graph)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +64,68 @@ def test_refuses_arguments_it_cannot_replay():
     graphed = CUDAGraphUNet(unet("cuda"))
     with pytest.raises(ValueError, match="cannot take cache=object"):
         graphed(*inputs(2, 8, 1), cache=object())
+
+
+def test_pipeline_refuses_cuda_graphs_on_cpu(tmp_path):
+    from conftest import tiny_diffusers_pipeline
+
+    import fastldm
+
+    tiny_diffusers_pipeline("sd1").save_pretrained(tmp_path / "m")
+    with pytest.raises(RuntimeError, match="CUDA graphs need the UNet on a CUDA device"):
+        fastldm.load(tmp_path / "m", cuda_graphs=True)
+
+
+def test_pipeline_routes_plain_steps_through_the_graph(tmp_path):
+    """generate() calls the graphed UNet for plain requests and the eager one under DeepCache (whose call
+    changes from step to step, so it cannot be replayed)."""
+    from conftest import tiny_diffusers_pipeline
+
+    import fastldm
+
+    tiny_diffusers_pipeline("sd1").save_pretrained(tmp_path / "m")
+    pipe = fastldm.load(tmp_path / "m", dtype="fp32")
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("cache"))
+        return pipe.unet(*args, **kwargs)
+
+    pipe.graphed_unet = recording  # stands in for a CUDAGraphUNet, which needs a GPU
+    eager = pipe.generate("a cube", steps=3, seed=0, width=32, height=32)
+    pipe.graphed_unet = None
+    assert len(calls) == 3 and np.array_equal(eager.raw, pipe.generate("a cube", steps=3, seed=0, width=32,
+                                                                        height=32).raw)
+    pipe.graphed_unet = recording
+    pipe.generate("a cube", steps=3, seed=0, width=32, height=32, cache_interval=2)
+    assert len(calls) == 3
+
+
+@cuda
+def test_pipeline_with_cuda_graphs_matches_eager(tmp_path):
+    from conftest import tiny_diffusers_pipeline
+
+    import fastldm
+
+    tiny_diffusers_pipeline("sd1").save_pretrained(tmp_path / "m")
+    pipe = fastldm.load(tmp_path / "m", device="cuda", dtype="fp32")
+    eager = pipe.generate("a cube", steps=4, seed=0, width=32, height=32)
+    pipe.use_cuda_graphs()
+    for size in (32, 32, 48):  # capture, replay, a new shape
+        graphed = pipe.generate("a cube", steps=4, seed=0, width=size, height=size)
+    assert len(pipe.graphed_unet.graphs) == 2
+    again = pipe.generate("a cube", steps=4, seed=0, width=32, height=32)
+    assert torch.allclose(torch.from_numpy(again.raw), torch.from_numpy(eager.raw), atol=1e-5)
+
+
+def test_cli_cuda_graphs_on_cpu_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+    from conftest import tiny_diffusers_pipeline
+
+    from fastldm.cli import main
+
+    tiny_diffusers_pipeline("sd1").save_pretrained(tmp_path / "m")
+    res = CliRunner().invoke(main, ["generate", "a cube", "--model", str(tmp_path / "m"), "--cuda-graphs",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0 and "CUDA graphs need the UNet on a CUDA device" in res.output
+    assert not (tmp_path / "out").exists()

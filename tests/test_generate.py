@@ -12,6 +12,8 @@ import fastldm
 from conftest import tiny_diffusers_pipeline
 from fastldm.cli import main
 from fastldm.images import parse_infotext
+from fastldm.loading.safetensors_io import CheckpointError
+from fastldm.loading.save import save_folder
 
 TOL = 2 / 255  # the issue's bound; observed differences are ~1e-5 (float op order)
 
@@ -183,3 +185,36 @@ def test_sdxl_txt2img_matches_diffusers(tmp_path):
         out = ours.generate("a red cube", negative_prompt=negative, steps=3, sampler="Euler", guidance=5.0, seed=4,
                             width=32, height=32)
         assert np.abs(out.raw - ref).max() <= TOL
+
+
+def test_model_default_guidance_from_fastldm_json(folder, tmp_path):
+    """A folder's fastldm.json sets the CFG scale used when a request gives none; diffusers ignores the file."""
+    import json
+    import shutil
+
+    path = tmp_path / "tuned"
+    shutil.copytree(folder, path)
+    (path / "fastldm.json").write_text(json.dumps({"default_guidance": 4.0}))
+    pipe = fastldm.load(path, dtype="fp32")
+    assert pipe.config.default_guidance == 4.0
+    implicit = pipe.generate("a cube", steps=2, seed=1, width=32, height=32)
+    explicit = pipe.generate("a cube", steps=2, seed=1, width=32, height=32, guidance=4.0)
+    assert implicit.request.guidance == 4.0 and np.array_equal(implicit.raw, explicit.raw)
+    assert parse_infotext(fastldm.api.parameters_text(pipe, implicit, 0))[2]["CFG scale"] == "4"
+    assert fastldm.load(folder, dtype="fp32").config.default_guidance == 7.5  # no file: SD's 7.5
+    saved = tmp_path / "saved"
+    save_folder(pipe.config, {"text_encoder": pipe.text_encoder, "unet": pipe.unet,
+                                                   "vae": pipe.vae}, {"tokenizer": pipe.tokenizer}, saved)
+    assert json.loads((saved / "fastldm.json").read_text()) == {"default_guidance": 4.0}
+
+
+@pytest.mark.parametrize("value", ["5", 0.5, True])
+def test_bad_default_guidance_is_a_one_line_error(folder, tmp_path, value):
+    import json
+    import shutil
+
+    path = tmp_path / "bad"
+    shutil.copytree(folder, path)
+    (path / "fastldm.json").write_text(json.dumps({"default_guidance": value}))
+    with pytest.raises(CheckpointError, match="default_guidance must be a number"):
+        fastldm.load(path)

@@ -39,7 +39,8 @@ def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
-         compile: bool | None = None, quant: str | None = None, threads: int | None = None) -> Pipeline:
+         compile: bool | None = None, quant: str | None = None, threads: int | None = None,
+         cuda_graphs: bool = False) -> Pipeline:
     """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
 
     dtype: "fp32" | "fp16" | "bf16" (default: fp16 on CUDA; on CPU bf16 where it has native bf16 dot
@@ -47,13 +48,17 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     permit .ckpt/.bin files (read with weights_only=True); prediction_type: override "epsilon" /
     "v_prediction" when the checkpoint cannot tell. CPU runtime (fastldm.runtime.optimize): compile: the
     UNet through torch.compile with a persistent cache (default off); quant: "int8" for int8 weights and
-    activations in the UNet; threads: intra-op threads (default: the CPUs available)."""
+    activations in the UNet; threads: intra-op threads (default: the CPUs available). cuda_graphs: capture
+    and replay the UNet call as a CUDA graph (Pipeline.use_cuda_graphs; CUDA only)."""
     path = Path(path).expanduser()
     config, modules = load_components(path, device=device, dtype=parse_dtype(dtype), variant=variant,
                                       allow_pickle=allow_pickle, prediction_type=prediction_type)
     optimize(modules, torch.device(device), compile=compile, quant=quant, threads=threads)
-    return Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
+    pipe = Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
                     source=path)
+    if cuda_graphs:
+        pipe.use_cuda_graphs()
+    return pipe
 
 
 def model_hash(path: Path) -> str:

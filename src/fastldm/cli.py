@@ -59,7 +59,8 @@ def main() -> None:
               help="denoising steps, or 'auto': the model's step predictor picks them for this prompt")
 @click.option("--sampler", default="DPM++ 2M", show_default=True, help="see `fastldm samplers`")
 @click.option("--schedule", "scheduler", default=None, help="sigma schedule: karras, exponential, normal, ...")
-@click.option("--guidance", "--cfg", default=7.5, show_default=True, type=float)
+@click.option("--guidance", "--cfg", default=None, type=float,
+              help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)")
 @click.option("--seed", default=None, type=int, help="random if not given; image i uses seed + i")
 @click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
 @click.option("-n", "n", default=1, show_default=True, type=click.IntRange(1, 64), help="images")
@@ -80,9 +81,11 @@ def main() -> None:
               "UNet (CPU)")
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: torch's, "
               "capped at the CPUs available)")
+@click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
-             early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, allow_pickle) -> None:
+             early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, cuda_graphs,
+             allow_pickle) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
     from .pipeline import GenerationRequest
@@ -93,7 +96,7 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
         resolve_sampler(sampler, scheduler)
         init = api.open_image(init_image) if init_image is not None else None
         pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle,
-                        compile=compile_unet, quant=quant, threads=threads)
+                        compile=compile_unet, quant=quant, threads=threads, cuda_graphs=cuda_graphs)
         req = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                                 scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
                                 n=n, init_image=init, strength=strength, early_stop=early_stop,
@@ -122,7 +125,8 @@ def steps() -> None:
               help="text file, one prompt per line")
 @click.option("--sampler", default="DPM++ 2M", show_default=True)
 @click.option("--schedule", "scheduler", default=None)
-@click.option("--guidance", "--cfg", default=7.5, show_default=True, type=float)
+@click.option("--guidance", "--cfg", default=None, type=float,
+              help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)")
 @click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
 @click.option("--tau", default=None, type=float,
               help="SSIM threshold of a label (default: fastldm.adaptive.labels.DEFAULT_TAU)")

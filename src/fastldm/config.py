@@ -14,6 +14,8 @@ def _tuple(v, n: int) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
 
 
+FASTLDM_JSON = "fastldm.json"  # a diffusers folder's fastldm-only settings (diffusers ignores the file)
+
 @dataclass(frozen=True)
 class CLIPConfig:
     """CLIP text transformer (transformers' CLIPTextModel / CLIPTextModelWithProjection)."""
@@ -185,6 +187,7 @@ class ModelConfig:
     clip_layer: int = -1                     # -1: last hidden state; -2: penultimate (SD2, SDXL)
     scheduler: dict = field(default_factory=lambda: dict(SD_SCHEDULER))
     default_size: int = 512
+    default_guidance: float = 7.5            # CFG scale when a request gives none (a folder's fastldm.json)
 
     @property
     def prediction_type(self) -> str:

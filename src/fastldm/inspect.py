@@ -46,7 +46,8 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
     lines = [f"path:            {path}", f"format:          {kind}", f"family:          {config.family}",
              f"prediction type: {config.prediction_type}",
              f"dtype:           {', '.join(d for d, _ in dtypes.most_common()) or 'unknown'}",
-             f"default size:    {config.default_size}", f"rgbd:            {'yes' if config.rgbd else 'no'}",
+             f"default size:    {config.default_size}", f"default CFG:     {config.default_guidance:g}",
+             f"rgbd:            {'yes' if config.rgbd else 'no'}",
              "components:"]
     total = 0
     for name, sub in comps.items():

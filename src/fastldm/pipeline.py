@@ -5,6 +5,7 @@ of CPU generators, so the same seed, sampler and model give diffusers' image.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -21,6 +22,7 @@ from .adaptive.early_stop import EarlyStop
 from .adaptive.predictor import load_step_predictor, prompt_features
 from .config import ModelConfig
 from .denoiser import Denoiser
+from .runtime.cuda_graph import CUDAGraphUNet
 from .samplers import SamplerSpec, randn, resolve_sampler, sample
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
@@ -34,7 +36,7 @@ class GenerationRequest:
     steps: int | Literal["auto"] = 20     # "auto": the model's step predictor for this prompt and sampler
     sampler: str = "DPM++ 2M"
     scheduler: str | None = None          # sigma schedule: "karras", "exponential", "normal", ... (None: sampler's)
-    guidance: float = 7.5
+    guidance: float | None = None        # None: the model's default (config.default_guidance; 7.5 for SD)
     seed: int | None = None               # None: random; image i of a batch uses seed + i
     width: int | None = None              # None: the model's default size
     height: int | None = None
@@ -68,6 +70,13 @@ class Pipeline:
         self.tokenizer = tokenizers["tokenizer"]
         self.tokenizer_2 = tokenizers.get("tokenizer_2")
         self.schedule = NoiseSchedule.from_config(config.scheduler)
+        self.graphed_unet = None  # a CUDAGraphUNet when use_cuda_graphs() is on
+
+    def use_cuda_graphs(self, on: bool = True) -> None:
+        """Capture the UNet call (the whole guided batch) as a CUDA graph per input shape and replay it
+        afterwards (runtime/cuda_graph.py); the UNet must be on CUDA. Requests with cache_interval > 1
+        (DeepCache changes the call from step to step) run eagerly. `on=False` frees the graphs."""
+        self.graphed_unet = CUDAGraphUNet(self.unet) if on else None
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +197,8 @@ class Pipeline:
             request = GenerationRequest(**kw)
         elif kw:
             raise TypeError("give either a GenerationRequest or keyword arguments, not both")
+        if request.guidance is None:
+            request = dataclasses.replace(request, guidance=self.config.default_guidance)
         r = request
         size = self.config.default_size
         width, height = r.width or size, r.height or size
@@ -213,7 +224,10 @@ class Pipeline:
         if r.init_image is not None:
             init = self.encode_image(r.init_image, width, height, gens)
         noise = torch.cat([randn(shape, g, self.device, torch.float32) for g in gens])
-        unet = self.unet if r.cache_interval == 1 else functools.partial(self.unet, cache=DeepCache(r.cache_interval))
+        if r.cache_interval > 1:
+            unet = functools.partial(self.unet, cache=DeepCache(r.cache_interval))
+        else:
+            unet = self.graphed_unet or self.unet
         denoiser = Denoiser(unet, self.schedule, cond, uncond, r.guidance,
                             guidance_embedding_dim=self.config.unet.time_cond_proj_dim)
         steps_run = [0]

@@ -76,11 +76,13 @@ def shapes_judge(prompt: str, raw: np.ndarray) -> bool:
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], steps: int, sampler: str = "DPM++ 2M",
-           scheduler: str | None = None, guidance: float = 7.5, width: int | None = None,
+           scheduler: str | None = None, guidance: float | None = None, width: int | None = None,
            height: int | None = None, conditioning=None) -> np.ndarray:
     """A batch of txt2img images, prompt i from seed i -> (B, H, W, C) float32 in [0, 1].
-    `conditioning`: pipe.conditioning(...)'s result for these prompts, to encode them once for several runs."""
+    `conditioning`: pipe.conditioning(...)'s result for these prompts, to encode them once for several runs.
+    guidance None: the model's default."""
     spec = resolve_sampler(sampler, scheduler)
+    guidance = pipe.config.default_guidance if guidance is None else guidance
     width, height = width or pipe.config.default_size, height or pipe.config.default_size
     cond, uncond = conditioning or pipe.conditioning(prompts, "", guidance, width, height)
     f = pipe.config.vae_scale
@@ -94,14 +96,16 @@ def render(pipe, prompts: list[str], seeds: list[int], steps: int, sampler: str 
 
 
 def build_label_table(pipe, prompts: list[str], sampler: str = "DPM++ 2M", *, scheduler: str | None = None,
-                      guidance: float = 7.5, width: int | None = None, height: int | None = None,
+                      guidance: float | None = None, width: int | None = None, height: int | None = None,
                       steps: tuple[int, ...] = STEP_GRID, tau: float | None = None, seed: int = 0, batch: int = 8,
                       judge: Callable[[str, np.ndarray], bool] | None = None, table: LabelTable | None = None,
                       on_batch: Callable[[LabelTable], None] | None = None) -> LabelTable:
     """Label `prompts` (prompt i with seed `seed + i`): render each at every count of `steps`, SSIM (all output
     channels: RGB, and depth for RGBD models) against the image at steps[-1], and the judge's verdicts.
-    `table`: a partial table of the same prompts to resume; `on_batch(table)` after every batch (to save it)."""
+    `table`: a partial table of the same prompts to resume; `on_batch(table)` after every batch (to save it).
+    guidance None: the model's default."""
     spec = resolve_sampler(sampler, scheduler)
+    guidance = pipe.config.default_guidance if guidance is None else guidance
     width, height = width or pipe.config.default_size, height or pipe.config.default_size
     if table is None:
         table = LabelTable(pipe.name, spec.name, scheduler, guidance, width, height, tuple(steps),

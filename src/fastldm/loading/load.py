@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
+from ..config import FASTLDM_JSON, CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
 from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from ..runtime.device import default_dtype
 from .detect import detect_single_file
@@ -91,6 +91,17 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def _default_guidance(folder: Path) -> float:
+    """The CFG scale a folder's optional fastldm.json recommends ({"default_guidance": 5.0}), else SD's 7.5."""
+    path = folder / FASTLDM_JSON
+    if not path.exists():
+        return 7.5
+    value = _read_json(path).get("default_guidance", 7.5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1.0:
+        raise CheckpointError(f"{path}: default_guidance must be a number >= 1, got {value!r}")
+    return float(value)
+
+
 def _folder_config(folder: Path, index: dict) -> ModelConfig:
     te = _read_json(folder / "text_encoder" / "config.json")
     has_te2 = (folder / "text_encoder_2").is_dir()
@@ -111,7 +122,7 @@ def _folder_config(folder: Path, index: dict) -> ModelConfig:
     clip = dataclasses.replace(CLIPConfig.from_diffusers(te, projection=projected),
                                pad_token_id=0 if family == "sd2" else 49407)
     return ModelConfig(
-        family=family, text_encoder=clip, unet=unet, vae=vae,
+        family=family, text_encoder=clip, unet=unet, vae=vae, default_guidance=_default_guidance(folder),
         text_encoder_2=None if te2 is None else dataclasses.replace(
             CLIPConfig.from_diffusers(te2, projection=True), pad_token_id=0),
         clip_layer=-2 if has_te2 else -1, scheduler=sched,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import FASTLDM_JSON, ModelConfig
 
 _PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "ldm3d": "StableDiffusionLDM3DPipeline"}
 
@@ -48,6 +48,7 @@ def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: 
             sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
                   for k, v in module.state_dict().items()}
             save_file(sd, str(tmp / name / weights), metadata={"format": "pt"})
+        (tmp / FASTLDM_JSON).write_text(json.dumps({"default_guidance": config.default_guidance}, indent=2))
         for name, tok in tokenizers.items():
             tok.save(tmp / name)
             index[name] = ["transformers", "CLIPTokenizer"]

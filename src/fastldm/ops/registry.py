@@ -67,6 +67,14 @@ def prefer(table: dict[tuple[str, str, torch.dtype], str]) -> dict[tuple[str, st
     return previous
 
 
+def selection() -> tuple:
+    """The backend selection in force, hashable: the forced backends (`use`) and the `prefer` table. Code
+    that caches a traced call (CUDA graphs) keys on it, since another selection is another kernel sequence."""
+    forced = tuple(sorted(_forced.get().items()))
+    preferred = tuple(sorted((op, dev, str(dt), name) for (op, dev, dt), name in _preferred.items()))
+    return forced, preferred
+
+
 def _auto_order(op: str, args: tuple) -> list[Backend]:
     """The order `auto` tries backends in: the preferred one for this call first, then by priority."""
     first = args[0] if args else None

@@ -20,6 +20,7 @@ runs anywhere; fastldm.ops.triton.winograd swaps in Triton input/output transfor
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 
@@ -130,13 +131,20 @@ def tile_counts(H: int, W: int) -> tuple[int, int]:
     return -(-H // 4), -(-W // 4)
 
 
+@functools.cache
+def _matrix(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """BT or AT on `device` in `dtype`, copied there once: a copy per call would be a host-to-device
+    transfer inside every conv, which a CUDA graph cannot capture."""
+    return {"BT": BT, "AT": AT}[name].to(device, dtype)
+
+
 def transform_input(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> V = Bᵀ d B for every 6×6 tile d (stride 4, zero padding): (36, C, B·nH·nW)."""
     B, C, H, W = x.shape
     nH, nW = tile_counts(H, W)
     xp = F.pad(x, (1, 4 * nW + 1 - W, 1, 4 * nH + 1 - H))  # (B, C, 4nH + 2, 4nW + 2)
     d = xp.unfold(2, 6, 4).unfold(3, 6, 4)  # (B, C, nH, nW, 6, 6), a view
-    bt = BT.to(x.device, x.dtype)
+    bt = _matrix("BT", x.device, x.dtype)
     v = torch.einsum("ia,bcnmaz,jz->ijcbnm", bt, d, bt)  # (6, 6, C, B, nH, nW)
     return v.reshape(36, C, B * nH * nW)
 
@@ -145,7 +153,7 @@ def transform_output(m: torch.Tensor, B: int, H: int, W: int, channels_last: boo
     """M (36, K, B·nH·nW) -> y = Aᵀ M A assembled into (B, K, H, W), NCHW or channels_last memory."""
     K = m.shape[1]
     nH, nW = tile_counts(H, W)
-    at = AT.to(m.device, m.dtype)
+    at = _matrix("AT", m.device, m.dtype)
     y = torch.einsum("ia,abkp,jb->kpij", at, m.view(6, 6, K, -1), at)  # (K, P, 4, 4)
     y = y.view(K, B, nH, nW, 4, 4)
     if channels_last:

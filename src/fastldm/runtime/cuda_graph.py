@@ -13,8 +13,8 @@ records the whole call once and replays it with one launch (NVIDIA CUDA C++ Prog
 All graphs of one wrapper share one memory pool (they never run concurrently; outputs are cloned).
 Kernels are compiled and caches (Winograd's transformed weights) filled by warm-up calls on a side stream
 before capture, as the PyTorch CUDA-graphs notes prescribe. Every backend in the call must be capture-safe
-(no host-to-device copies or synchronization): the reference and the Triton kernels are; the plain-PyTorch
-"winograd" conv copies its transform matrices to the device on each call, so use "triton_winograd" on CUDA.
+(no host-to-device copies or synchronization): the reference, the Triton kernels and Winograd (its transform
+matrices are copied to the device once and cached) are.
 """
 from __future__ import annotations
 
@@ -24,13 +24,6 @@ import torch
 from torch import nn
 
 from ..ops import registry
-
-
-def _backend_state() -> tuple:
-    """The registry's current selection (forced backends and the `prefer` table), hashable."""
-    forced = tuple(sorted(registry._forced.get().items()))
-    preferred = tuple(sorted((op, dev, str(dt), name) for (op, dev, dt), name in registry._preferred.items()))
-    return forced, preferred
 
 
 @dataclass
@@ -68,7 +61,7 @@ class CUDAGraphUNet:
                 raise ValueError(f"a CUDA graph cannot take {name}={type(value).__name__} (it would replay the "
                                  f"first call's behaviour); call the UNet without CUDA graphs for that")
         key = (tuple((n, None if v is None else (tuple(v.shape), v.dtype)) for n, v in named.items()),
-               _backend_state())
+               registry.selection())
         with torch.inference_mode():
             entry = self.graphs.get(key)
             if entry is None:
