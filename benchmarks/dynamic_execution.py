@@ -53,10 +53,17 @@ def captions(split: str, n: int) -> list[str]:
     return out
 
 
+def load(a):
+    """The model of --model; a --guidance left out becomes the model's default CFG scale."""
+    pipe = fastldm.load(a.model)
+    a.guidance = pipe.config.default_guidance if a.guidance is None else a.guidance
+    return pipe
+
+
 # ---- labels -------------------------------------------------------------------------------------------------
 
 def cmd_labels(a) -> None:
-    pipe = fastldm.load(a.model)
+    pipe = load(a)
     path = a.out / f"labels-{a.split}-{pipe_sampler(a)}.json"
     table = LabelTable.load(path) if path.exists() else None
     t0 = time.perf_counter()
@@ -141,7 +148,7 @@ def tune_threshold(pipe, prompts: list[str], a) -> tuple[float, list[dict]]:
 
 def cmd_tune(a) -> None:
     torch.set_num_threads(a.threads)
-    pipe = fastldm.load(a.model)
+    pipe = load(a)
     name = pipe_sampler(a)
     train = LabelTable.load(a.out / f"labels-train-{name}.json")
     held = LabelTable.load(a.out / f"labels-heldout-{name}.json")
@@ -217,7 +224,7 @@ def settings(a) -> dict[str, dict]:
 def cmd_results(a) -> None:
     from fastldm.shapes.evaluate import evaluate
     torch.set_num_threads(a.threads)
-    pipe = fastldm.load(a.model)
+    pipe = load(a)
     prompts = captions("heldout", a.n)
     ratio, full_s = shallow_cost(pipe, pipe.config.default_size)
     table = settings(a)
@@ -320,7 +327,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200, help="captions (labels: of --split; results: held-out)")
     p.add_argument("--n-threshold", type=int, default=60, help="training captions for the early-stop sweep")
     p.add_argument("--sampler", default="DPM++ 2M")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (its fastldm.json)")
     p.add_argument("--early-stop", type=float, default=DEFAULT_THRESHOLD)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)

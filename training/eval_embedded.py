@@ -59,17 +59,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="src/fastldm/assets/shapes-rgbd")
     p.add_argument("--part", choices=("guidance", "main", "steps"), required=True,
-                   help="guidance: 3 / 5 / 7.5 at 20 steps; main: 20 steps at --guidance; steps: 4..50 steps")
+                   help="guidance: 2 / 3 / 4 / 5 / 7.5 at 20 steps; main: 20 steps at --guidance; steps: 4..50 steps")
     p.add_argument("--out", required=True, help="JSON file for this part's results")
     p.add_argument("--n", type=int, default=200, help="held-out captions (the first n of a fixed list)")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (its fastldm.json)")
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pipe = fastldm.load(a.model)
+    a.guidance = pipe.config.default_guidance if a.guidance is None else a.guidance
     caps = heldout_captions(a.n)
-    settings = {"guidance": [(f"guidance {g}", 20, g) for g in (3.0, 5.0, 7.5)],
+    settings = {"guidance": [(f"guidance {g}", 20, g) for g in (2.0, 3.0, 4.0, 5.0, 7.5)],
                 "main": [("20 steps", 20, a.guidance)],
                 "steps": [(f"{k} steps", k, a.guidance) for k in (4, 8, 12, 20, 50)]}[a.part]
     rows = []
@@ -78,8 +79,9 @@ def main() -> None:
         rows.append((name, s | {"median_s_per_image": statistics.median(t)}))
         print(rows[-1], flush=True)
     with open(a.out, "w") as f:
-        json.dump({"part": a.part, "n": a.n, "sampler": a.sampler, "rows": dict(rows)}, f, indent=2)
-    print(f"\n{a.part}: {a.sampler}, {a.n} held-out captions\n")
+        json.dump({"part": a.part, "n": a.n, "sampler": a.sampler, "guidance": a.guidance, "rows": dict(rows)},
+                  f, indent=2)
+    print(f"\n{a.part}: {a.sampler}, CFG {a.guidance:g}, {a.n} held-out captions\n")
     print(table(rows))
 
 

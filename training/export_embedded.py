@@ -2,11 +2,15 @@
 fits the size budget and that fastldm and diffusers/transformers both load it and agree on the UNet.
 
     python training/export_embedded.py --vae runs/vae/vae.pt --ldm runs/ldm/ldm.pt \
-        --out src/fastldm/assets/shapes-rgbd
+        --out src/fastldm/assets/shapes-rgbd [--guidance 5]
+
+--guidance: the CFG scale written to the folder's fastldm.json as the model's default (pick it with
+training/eval_embedded.py --part guidance).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -62,6 +66,7 @@ def main() -> None:
     p.add_argument("--ldm", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--guidance", type=float, default=5.0, help="the model's default CFG scale")
     a = p.parse_args()
     out = Path(a.out)
     if out.exists():
@@ -69,6 +74,7 @@ def main() -> None:
             raise SystemExit(f"{out} exists; pass --force to replace it")
         shutil.rmtree(out)
     config, modules = build(a.vae, a.ldm)
+    config = dataclasses.replace(config, default_guidance=a.guidance)
     save_folder(config, modules, {"tokenizer": CLIPTokenizer.bundled(pad_id=49407)}, out, dtype=torch.float16)
     for f in [out, *out.rglob("*")]:   # save_folder's temporary folder is private (0700); a package asset is not
         f.chmod(0o755 if f.is_dir() else 0o644)
