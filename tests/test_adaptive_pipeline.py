@@ -12,6 +12,7 @@ from PIL import Image
 
 import fastldm
 from conftest import randomize_
+from fastldm.adaptive.early_stop import DEFAULT_THRESHOLD
 from fastldm.adaptive.labels import LabelTable, build_label_table, render, shapes_judge
 from fastldm.adaptive.predictor import StepPredictor, predictor_path, train_from_table
 from fastldm.cli import main
@@ -62,6 +63,14 @@ def test_early_stop_reports_steps_run(pipe):
     assert full.steps == 6 and torch.equal(full.latents, pipe.generate("a cube", **kw).latents)
 
 
+def test_early_stop_under_deep_cache_judges_full_calls_only(pipe):
+    """Cached calls reuse the deep features, so their x0 estimates barely move; the stop is judged between full
+    calls (steps 0, 3, 6, ... at interval 3): with any threshold, the first chance is after step 3."""
+    kw = dict(steps=9, sampler="DPM++ 2M", seed=3, cache_interval=3)
+    assert pipe.generate("a cube", early_stop=1e9, **kw).steps == 4
+    assert pipe.generate("a cube", early_stop=0.0, **kw).steps == 9
+
+
 def test_cache_interval_with_cfg_batch(pipe):
     deep = []
     handle = pipe.unet.mid_block.register_forward_hook(lambda m, a, o: deep.append(a[0].shape[0]))
@@ -102,12 +111,12 @@ def test_label_table_and_resume(pipe, tmp_path):
 
 
 def _synthetic_table(sampler="dpmpp_2m", n=40):
-    """Labels from the prompt's text: 4 steps for prompts with 'red', 8 without (SSIM rows made to say so)."""
+    """Labels from the prompt's text: 8 steps for prompts with 'red', 12 without (SSIM rows made to say so)."""
     rng = np.random.default_rng(0)
     from fastldm.shapes import random_caption
     prompts = [random_caption(rng) for _ in range(n)]
-    grid = (4, 6, 8, 10)
-    rows = [[1.0 if s >= (4 if "red" in p else 8) else 0.5 for s in grid] for p in prompts]
+    grid = (8, 10, 12, 15)
+    rows = [[1.0 if s >= (8 if "red" in p else 12) else 0.5 for s in grid] for p in prompts]
     return LabelTable("tiny", sampler, None, 7.5, 16, 16, grid, 0.9, prompts, list(range(n)), rows)
 
 
@@ -120,8 +129,8 @@ def test_steps_auto_in_api_and_png(pipe, folder, tmp_path):
         # a training prompt with "red" and one without: the predictor learned the rule, and generate runs it
         red = next(p for p in table.prompts if "red" in p)
         other = next(p for p in table.prompts if "red" not in p)
-        assert pipe.generate(red, steps="auto", seed=0).steps == 4
-        assert pipe.generate(other, steps="auto", seed=0).steps == 8
+        assert pipe.generate(red, steps="auto", seed=0).steps == 8
+        assert pipe.generate(other, steps="auto", seed=0).steps == 12
         out = tmp_path / "out"
         res = CliRunner().invoke(main, ["generate", "a red cube", "--model", str(folder), "--steps", "auto",
                                         "--early-stop", "--cache-interval", "2", "--seed", "1", "--out", str(out)])
@@ -129,8 +138,9 @@ def test_steps_auto_in_api_and_png(pipe, folder, tmp_path):
         png = out / "00000-1.png"
         with Image.open(png) as im:
             _, _, params = parse_infotext(im.text["parameters"])
-        ran = pipe.generate("a red cube", steps="auto", early_stop=0.01, cache_interval=2, seed=1).steps
-        assert params["Steps"] == str(ran) and params["Early stop"] == "0.01" and params["DeepCache interval"] == "2"
+        ran = pipe.generate("a red cube", steps="auto", early_stop=DEFAULT_THRESHOLD, cache_interval=2, seed=1).steps
+        assert params["Steps"] == str(ran) and params["Early stop"] == f"{DEFAULT_THRESHOLD:g}"
+        assert params["DeepCache interval"] == "2"
     finally:
         predictor_path(folder, "dpmpp_2m").unlink()
 

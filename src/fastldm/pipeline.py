@@ -224,17 +224,18 @@ class Pipeline:
         if r.init_image is not None:
             init = self.encode_image(r.init_image, width, height, gens)
         noise = torch.cat([randn(shape, g, self.device, torch.float32) for g in gens])
-        if r.cache_interval > 1:
-            unet = functools.partial(self.unet, cache=DeepCache(r.cache_interval))
-        else:
-            unet = self.graphed_unet or self.unet
+        cache = DeepCache(r.cache_interval) if r.cache_interval > 1 else None
+        unet = functools.partial(self.unet, cache=cache) if cache is not None else self.graphed_unet or self.unet
         denoiser = Denoiser(unet, self.schedule, cond, uncond, r.guidance,
                             guidance_embedding_dim=self.config.unet.time_cond_proj_dim)
         steps_run = [0]
 
         def on_step(info: dict) -> bool:
             steps_run[0] = info["i"] + 1
-            converged = early_stop(info) if early_stop is not None else False
+            # Under DeepCache, a cached call's x0 estimate reuses the last full call's deep features, so it barely
+            # moves: judge convergence only between full calls (a longer span, so a more cautious stop).
+            fresh = cache is None or cache.last_full
+            converged = early_stop(info) if early_stop is not None and fresh else False
             return bool(callback(info) if callback is not None else False) or converged
 
         latents = sample(denoiser, noise, spec, self.schedule, steps, generator=gens, callback=on_step,

@@ -29,6 +29,7 @@ class DeepCache:
     features: torch.Tensor | None = field(default=None, repr=False)   # (B, C, h, w) of the last full call
     full_calls: int = 0
     cached_calls: int = 0
+    last_full: bool = False          # whether the latest call ran the whole UNet
 
     def __post_init__(self):
         if self.interval < 1:
@@ -44,4 +45,5 @@ class DeepCache:
             self.full_calls += 1
         else:
             self.cached_calls += 1
+        self.last_full = due
         return due
