@@ -57,3 +57,10 @@ def test_draws_what_held_out_captions_say(pipe):
             passed[attribute] = passed.get(attribute, 0) + ok
     low = {a: f"{passed.get(a, 0)} < {floor}" for a, floor in FLOORS.items() if passed.get(a, 0) < floor}
     assert not low, f"attributes drawn too rarely on {N_CAPTIONS} held-out captions: {low}"
+
+
+def test_ships_a_step_predictor_for_its_default_sampler(pipe):
+    """`--steps auto` works out of the box: DPM++ 2M's predictor is in the folder, its pick within 8-50."""
+    assert (EMBEDDED_MODEL / "step_predictor" / "dpmpp_2m.safetensors").exists()
+    r = pipe.generate("a blue cube left of a yellow sphere", steps="auto", seed=0)
+    assert 8 <= r.steps <= 50 and r.images[0].size == (64, 64)
