@@ -89,6 +89,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tiny tensors, restored afterwards: they gain nothing from threads, and
+    on a loaded 2-core machine OpenMP's thread hand-offs make each tiny UNet call many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -23,15 +23,6 @@ NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+Winograd", "
          "diffusers + torch.compile"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's barriers make
-    each tiny UNet call ~100x slower (seconds instead of ~20 ms); the table logic is the same either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_peak_bytes_counts_what_a_call_allocates_on_cpu():
     mb = 2**20 // 4  # float32 elements in 1 MiB

@@ -12,13 +12,7 @@ from fastldm.config import UNetConfig
 from fastldm.models import UNet2DConditionModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (the suite shares 2 cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unet(case="sd1"):

@@ -27,13 +27,7 @@ PROMPTS = ["a red cube", "a large blue sphere on the left", "a green pyramid abo
 SMALL_GRID = (2, 3, 5)      # a short label grid keeps the renders cheap; the default grid is STEP_GRID
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (the suite shares 2 cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

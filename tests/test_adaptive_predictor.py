@@ -11,13 +11,7 @@ from fastldm.adaptive.predictor import (StepPredictor, evaluate_predictor, predi
                                         train_step_predictor)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors train fastest on one thread (the suite shares 2 cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(n=240, seed=0):

@@ -19,7 +19,8 @@ from fastldm.samplers import (list_samplers, list_schedulers, randn, resolve_sam
                               sample_lcm, sample_unipc)
 from fastldm.schedules import NoiseSchedule, karras_sigmas
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # numpy 2 vs diffusers
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # numpy 2 vs diffusers
+              pytest.mark.usefixtures("one_thread")]
 
 SD15 = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
@@ -28,15 +29,6 @@ B, GUIDANCE = 2, 7.5
 # fp32 on both sides; what differs is only the rounding of algebraically equal formulas (σ-space vs VP latents,
 # closed-form vs linalg.solve for UniPC): measured ≤ 3e-6 relative. A wrong timestep, order or noise draw is ≥ 1e-2.
 RTOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The UNet is tiny: on a shared 2-core machine thread hand-off costs 25x the compute. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net:
