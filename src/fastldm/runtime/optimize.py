@@ -21,11 +21,6 @@ from .quant import quantize_int8
 QUANT_MODES = (None, "int8")
 
 
-def default_compile(device: torch.device) -> bool:
-    """Whether `load` compiles the UNet when not told: never by default (see the module docstring)."""
-    return False
-
-
 def optimize(modules: dict[str, nn.Module], device: torch.device, *, compile: bool | None = None,
              quant: str | None = None, threads: int | None = None) -> dict[str, nn.Module]:
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}) in place; returns them."""
@@ -39,6 +34,6 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, compile: bo
         raise ValueError(f"--quant {quant} runs on CPU only; use --device cpu or drop --quant")
     if quant == "int8":
         quantize_int8(modules["unet"])
-    if default_compile(device) if compile is None else compile:
+    if compile:  # None (not told) = off, see the module docstring
         compile_module(modules["unet"])
     return modules
