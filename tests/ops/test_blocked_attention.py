@@ -51,3 +51,14 @@ def test_auto_picks_it_only_where_it_applies():
     assert ops.select("attention", q.float(), k.float(), v.float()) == "reference"  # fp32
     assert ops.select("attention", q, k, v, upcast=True) == "reference"
     assert blocked_attention.supports(q, k, v, causal=True) is not None
+
+
+def test_training_falls_back_to_a_differentiable_kernel():
+    """Under autograd (fine-tuning a model in bf16 autocast) the op has no backward: auto must skip it,
+    and the result must still carry gradients."""
+    q, k, v = (t.detach().requires_grad_() for t in qkv(64, 256, 40))
+    assert ops.select("attention", q, k, v) == "reference"
+    ops.attention(q, k, v).float().sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
+    with torch.no_grad():
+        assert ops.select("attention", q, k, v) == "blocked"

@@ -20,7 +20,7 @@ width): P·v with SD 1.5's head dim 40 took 411 µs per 512 × 4096 block, with 
 columns 255 µs, so v is padded (q kᵀ, whose 40 is the reduction length, is fastest as it is).
 
 Limits, checked by `supports`: CPU tensors in bf16 (fp32 keeps torch's kernel), no causal mask, no fp32
-upcast, and at least MIN_KEYS keys (with a short context, as in cross-attention on 77 text tokens,
+upcast, no autograd (training falls back to torch's kernel), and at least MIN_KEYS keys (with a short context, as in cross-attention on 77 text tokens,
 torch's kernel is as fast). Precision: P is rounded to bf16 before P·v, as in the plain bf16
 softmax(q kᵀ) v it is tested against.
 """
@@ -43,6 +43,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool 
         return "blocked attention has no causal mask and no fp32 upcast"
     if q.dim() != 4 or k.shape[2] < MIN_KEYS:
         return f"blocked attention pays from {MIN_KEYS} keys on, got {k.shape[2]}"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "blocked attention is inference-only (no backward); training uses torch's kernel"
     return None
 
 
