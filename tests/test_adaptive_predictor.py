@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fastldm.adaptive.labels import STEP_GRID, LabelTable
-from fastldm.adaptive.predictor import (StepPredictor, evaluate_predictor, predictor_path, step_range,
-                                        train_step_predictor)
+from fastldm.adaptive.predictor import (StepPredictor, evaluate_predictor, load_step_predictor, predictor_path,
+                                        step_range, train_step_predictor)
+from fastldm.samplers import resolve_sampler
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +62,19 @@ def test_clamped_to_sampler_range_and_paths(tmp_path):
     assert step_range("lcm") == (1, 8) and model.predict_steps(torch.zeros(1, 1)) == [8]
     assert predictor_path(tmp_path, "euler") == tmp_path / "step_predictor" / "euler.safetensors"
     assert predictor_path(tmp_path / "m.safetensors", "euler") == tmp_path / "m.step_predictor" / "euler.safetensors"
+
+
+def test_loaded_once_per_file_version(tmp_path):
+    """steps="auto" asks for the predictor on every request: the file is read once, and again once rewritten."""
+    x, y = _synthetic(40)
+    path = predictor_path(tmp_path, "euler")
+    train_step_predictor(x, y, STEP_GRID, "euler", epochs=5).save(path)
+    spec = resolve_sampler("Euler")
+    first = load_step_predictor(tmp_path, spec)
+    assert load_step_predictor(tmp_path, spec) is first
+    train_step_predictor(x, y, STEP_GRID, "euler", epochs=5, hidden=8).save(path)  # another size: a new version
+    second = load_step_predictor(tmp_path, spec)
+    assert second is not first and second.hidden.out_features == 8
 
 
 def test_label_table_labels_and_roundtrip(tmp_path):

@@ -15,6 +15,8 @@ sampler and quantile in the file's metadata.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -135,6 +137,14 @@ def load_step_predictor(model_source: str | Path | None, spec) -> StepPredictor:
         raise FileNotFoundError(f"no step predictor for sampler {spec.label} at {path} (have: "
                                 f"{', '.join(have) or 'none'}); give a number of steps, or build one with "
                                 "`fastldm steps label` and `fastldm steps train`")
+    st = path.stat()
+    return _load_cached(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(path: Path, mtime_ns: int, size: int) -> StepPredictor:
+    """Read once per file version: `steps="auto"` asks on every request, and a rewritten file (new mtime
+    or size) is read again."""
     return StepPredictor.load(path)
 
 
