@@ -22,7 +22,7 @@ from shapesworld import render_batch
 
 from fastldm.config import SD_SCHEDULER, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 
-VAE = VAEConfig(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(32, 64, 64),
+VAE = VAEConfig(in_channels=4, out_channels=4, latent_channels=4, block_out_channels=(32, 64, 128),
                 layers_per_block=1, norm_num_groups=8, force_upcast=False, sample_size=64)
 TEXT = CLIPConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
 UNET = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=(1, 1, 1), cross_attn=(True, True, False),
@@ -30,9 +30,23 @@ UNET = UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=(1, 1, 1), c
                   sample_size=16)
 
 
-def model_config(scaling_factor: float) -> ModelConfig:
-    """The shipped model's config, once the autoencoder's latent scale is known."""
-    vae = VAEConfig(**{**VAE.__dict__, "scaling_factor": scaling_factor})
+def vae_config(block_out_channels=VAE.block_out_channels, scaling_factor: float = 1.0) -> VAEConfig:
+    """VAE with other widths (the first autoencoder was (32, 64, 64)) and/or its latent scale."""
+    return VAEConfig(**{**VAE.__dict__, "block_out_channels": tuple(block_out_channels),
+                        "scaling_factor": scaling_factor})
+
+
+def load_vae(path: str | Path):
+    """vae.pt from train_vae.py -> (AutoencoderKL in eval mode with its scaling_factor, the checkpoint dict)."""
+    from fastldm.models.vae import AutoencoderKL
+    v = torch.load(path, weights_only=False)
+    vae = AutoencoderKL(vae_config(v["block_out_channels"], v["scaling_factor"]))
+    vae.load_state_dict(v["model"])
+    return vae.eval(), v
+
+
+def model_config(vae: VAEConfig) -> ModelConfig:
+    """The shipped model's config around a trained autoencoder's config (widths and latent scale)."""
     return ModelConfig("ldm3d", TEXT, UNET, vae, scheduler=dict(SD_SCHEDULER), default_size=64)
 
 

@@ -6,7 +6,9 @@ SD's scaled-linear schedule, weighted by Min-SNR-γ (Hang et al. 2023, γ = 5: w
 AdamW with linear warm-up and cosine decay over the wall-clock budget, and an EMA of the weights
 (decay min(0.999, (1 + n) / (10 + n))). The frozen autoencoder from train_vae.py encodes freshly
 rendered scenes on the fly (posterior sample, times its scaling_factor). Only training-split captions
-(is_held_out False) are rendered. Rerunning resumes from the latest checkpoint; the end writes
+(is_held_out False) are rendered. `--init` starts from an earlier run's weights: after the autoencoder
+is retrained, the text encoder and the UNet's layout and wording carry over and only the latent
+space is new. Rerunning resumes from the latest checkpoint; the end writes
 `ldm.pt` (EMA weights) and `samples.png`.
 
     python training/train_ldm.py --vae runs/vae/vae.pt --out runs/ldm --minutes 30
@@ -21,7 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import TEXT, UNET, VAE, Checkpoints, rgbd_batch, save_grid, to_uint8
+from common import TEXT, UNET, Checkpoints, load_vae, rgbd_batch, save_grid, to_uint8
 
 from fastldm.config import SD_SCHEDULER
 from fastldm.models.clip import CLIPTextModel
@@ -81,16 +83,19 @@ def main() -> None:
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="ldm.pt of an earlier run to start from (e.g. after retraining the autoencoder)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     ck = Checkpoints(a.out)
-    v = torch.load(a.vae, weights_only=False)
-    vae = AutoencoderKL(VAE.__class__(**{**VAE.__dict__, "scaling_factor": v["scaling_factor"]}))
-    vae.load_state_dict(v["model"])
-    vae.eval().requires_grad_(False)
+    vae, v = load_vae(a.vae)
+    vae.requires_grad_(False)
     tok = CLIPTokenizer.bundled(pad_id=49407)
     model = Denoiser()
+    if a.init:
+        w = torch.load(a.init, weights_only=True)
+        model.text_encoder.load_state_dict(w["text_encoder"])
+        model.unet.load_state_dict(w["unet"])
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     step, elapsed, rng = 0, 0.0, np.random.default_rng(a.seed)
