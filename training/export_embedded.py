@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from common import load_vae, model_config, vae_config
+from common import model_config, vae_config
 
 from fastldm.loading.save import save_folder
 from fastldm.models.clip import CLIPTextModel
@@ -27,15 +27,14 @@ MAX_BYTES = 25 * 2 ** 20
 
 
 def build(vae_path: str, ldm_path: str):
-    vae, v = load_vae(vae_path)
-    m = torch.load(ldm_path, weights_only=False)
+    v, m = torch.load(vae_path, weights_only=False), torch.load(ldm_path, weights_only=False)
     # the latent scale the UNet was trained with (a decoder fine-tune keeps the encoder, hence the latents)
     config = model_config(vae_config(v["block_out_channels"], m["scaling_factor"]))
     modules = {"text_encoder": CLIPTextModel(config.text_encoder), "unet": UNet2DConditionModel(config.unet),
                "vae": AutoencoderKL(config.vae)}
     modules["text_encoder"].load_state_dict(m["text_encoder"])
     modules["unet"].load_state_dict(m["unet"])
-    modules["vae"].load_state_dict(vae.state_dict())
+    modules["vae"].load_state_dict(v["model"])
     return config, modules
 
 

@@ -129,5 +129,6 @@ def finish(vae: AutoencoderKL, ck: Checkpoints, seed: int) -> None:
     torch.save({"model": vae.state_dict(), "scaling_factor": 1 / std,
                 "block_out_channels": vae.config.block_out_channels}, ck.out / "vae.pt")
 
+
 if __name__ == "__main__":
     main()

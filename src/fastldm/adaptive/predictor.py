@@ -16,7 +16,6 @@ sampler and quantile in the file's metadata.
 from __future__ import annotations
 
 import functools
-
 import json
 from pathlib import Path
 
