@@ -26,6 +26,7 @@ from typing import Iterable, Union
 import torch
 
 from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from ..errors import UnknownCheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -53,10 +54,6 @@ IGNORED_SUFFIXES = (".position_ids",      # transformers' CLIP buffer (arange(77
                     ".logit_scale")       # CLIP's contrastive temperature, unused for text encoding
 
 Op = Union[None, str, tuple]  # None | "squeeze" | "transpose" | ("qkv", i)
-
-
-class UnknownCheckpointError(ValueError):
-    """A checkpoint whose keys or shapes match no model fastldm knows; the message says what was found."""
 
 
 @dataclass(frozen=True)

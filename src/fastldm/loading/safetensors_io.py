@@ -16,14 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER = 100 * 2**20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import BackendUnavailable
+
 OPS = ("attention", "group_norm", "gelu", "geglu", "conv2d")
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for explicitly but cannot run this call."""
 
 
 @dataclass(frozen=True)

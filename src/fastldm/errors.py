@@ -1,0 +1,68 @@
+"""One hierarchy for everything a user can fix: a checkpoint, a request, a setting, a machine limit.
+
+Every class here means "the user can do something about it"; the message says what is wrong and what to
+do, in one line, and names no command-line flag (the CLI and the server add their own hints). The CLI maps
+each class to a one-line message and its `exit_code`; the HTTP server maps it to a 4xx status and a JSON
+reason. Anything else that escapes the library (a torch failure, a bug) is *not* one of these and keeps its
+traceback.
+
+Classes also derive from the builtin they refine (ValueError, RuntimeError, ...), so code written against
+the builtins keeps working.
+"""
+from __future__ import annotations
+
+
+class FastLDMError(Exception):
+    """Base of every user-fixable fastldm error."""
+    exit_code = 1
+    http_status = 400
+
+
+class CheckpointError(FastLDMError, ValueError):
+    """A checkpoint that cannot be loaded: missing, truncated, of an unknown or unsupported layout."""
+    exit_code = 3
+    http_status = 404
+
+
+class UnknownCheckpointError(CheckpointError):
+    """A checkpoint whose keys or shapes match no model family fastldm knows; the message says what was found."""
+
+
+class RequestError(FastLDMError, ValueError):
+    """A generation request with a bad field. `field` names it (as in GenerationRequest), `value` is what was
+    given and `allowed` says what would be accepted."""
+    exit_code = 4
+    http_status = 422
+
+    def __init__(self, field: str, value, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} is not valid: {allowed}")
+
+
+class BackendUnavailable(FastLDMError, RuntimeError):
+    """A kernel backend, runtime mode or device was asked for but cannot run here (or for this input)."""
+    exit_code = 5
+    http_status = 400
+
+
+class StepPredictorMissing(FastLDMError, FileNotFoundError):
+    """`steps="auto"` was asked for a model and sampler with no trained step predictor."""
+    exit_code = 6
+    http_status = 422
+
+
+class MemoryBudgetError(FastLDMError, MemoryError):
+    """A plan that cannot fit its memory budget (refused before it starts, with what it would need), or a run
+    that ran out of memory (that request ends; the process stays up)."""
+    exit_code = 7
+    http_status = 507
+
+    def __init__(self, message: str, needed: int | None = None, budget: int | None = None):
+        self.needed, self.budget = needed, budget
+        super().__init__(message)
+
+
+class Cancelled(FastLDMError):
+    """A run that its caller cancelled (interrupt, a disconnected client, a server shutting down)."""
+    exit_code = 130
+    http_status = 499
