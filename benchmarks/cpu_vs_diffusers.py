@@ -205,8 +205,8 @@ def embedded_int8(n: int, threads: int | None) -> dict:
 
     import fastldm
     from fastldm.api import EMBEDDED_MODEL
-    from fastldm.shapes.captions import random_caption
-    from fastldm.shapes.evaluate import evaluate, score
+    from fastldm.tools.shapes.captions import random_caption
+    from fastldm.tools.shapes.evaluate import evaluate, score
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Dynamic execution (issue 7): step labels, the shipped step predictor, and the results table.
 
-Embedded model (ShapesWorld captions, judged by fastldm.shapes.evaluate), in stages that each write to --out:
+Embedded model (ShapesWorld captions, judged by fastldm.tools.shapes.evaluate), in stages that each write to --out:
 
     python benchmarks/dynamic_execution.py labels --split train --n 320     # label table of training captions
     python benchmarks/dynamic_execution.py labels --split heldout --n 200   # ... and of the held-out captions
@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 import fastldm
-from fastldm.adaptive.early_stop import DEFAULT_THRESHOLD, EarlyStop
-from fastldm.adaptive.labels import LabelTable, build_label_table, shapes_judge
-from fastldm.adaptive.predictor import (evaluate_predictor, predictor_path, prompt_features, step_range,
-                                        train_step_predictor)
-from fastldm.adaptive.ssim import ssim
-from fastldm.shapes.captions import random_caption
+from fastldm.runtime.early_stop import DEFAULT_THRESHOLD, EarlyStop
+from fastldm.tools.steps.labels import LabelTable, build_label_table, shapes_judge
+from fastldm.runtime.step_predictor import predictor_path, prompt_features, step_range
+from fastldm.tools.steps.train import evaluate_predictor, train_step_predictor
+from fastldm.tools.ssim import ssim
+from fastldm.tools.shapes.captions import random_caption
 
 TAUS = (0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98)
 THRESHOLDS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08)
@@ -131,7 +131,7 @@ def tune_threshold(pipe, prompts: list[str], a) -> tuple[float, list[dict]]:
     """Early stop at fixed 20 steps, offline: one run per caption records every step's x0 estimate and δ; the
     image a threshold would return is the decoded estimate of its stopping step. The largest threshold whose
     accuracy stays within 1 point of running all 20 steps."""
-    from fastldm.shapes.evaluate import evaluate
+    from fastldm.tools.shapes.evaluate import evaluate
     stops, passed = [], []
     for i, p in enumerate(prompts):
         es, estimates = EarlyStop(0.0), []
@@ -196,7 +196,7 @@ def _counting(pipe):
 @torch.no_grad()
 def shallow_cost(pipe, size: int, repeats: int = 20) -> tuple[float, float]:
     """(time of a DeepCache cached UNet call / a full one, the full one's seconds): CFG batch 2, medians."""
-    from fastldm.adaptive.deep_cache import DeepCache
+    from fastldm.runtime.deep_cache import DeepCache
     c = pipe.config
     x = torch.randn(2, c.unet.in_channels, size // c.vae_scale, size // c.vae_scale, dtype=pipe.dtype)
     ctx = torch.randn(2, 77, c.unet.cross_attention_dim, dtype=pipe.dtype)
@@ -227,7 +227,7 @@ def settings(a) -> dict[str, dict]:
 
 
 def cmd_results(a) -> None:
-    from fastldm.shapes.evaluate import evaluate
+    from fastldm.tools.shapes.evaluate import evaluate
     torch.set_num_threads(a.threads)
     pipe = load(a)
     prompts = captions("heldout", a.n)

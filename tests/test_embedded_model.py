@@ -1,7 +1,7 @@
 """The shipped tiny RGBD model (src/fastldm/assets/shapes-rgbd) loads and draws what simple captions say.
 
 Generation is with fastldm's own pipeline at the model's defaults; the images are judged by the ShapesWorld
-evaluator (fastldm.shapes.evaluate).
+evaluator (fastldm.tools.shapes.evaluate).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 import fastldm
 from fastldm.api import EMBEDDED_MODEL
-from fastldm.shapes.evaluate import evaluate
+from fastldm.tools.shapes.evaluate import evaluate
 
 # The first 16 held-out captions of training/eval_embedded.py (never rendered in training), caption i with
 # seed i, at the model's defaults (20 DPM++ 2M steps, its CFG 5). The shipped model (run 4) passes colour
@@ -41,7 +41,7 @@ def test_folder_is_small_and_rgbd():
 
 def heldout_captions(n: int) -> list[str]:
     """training/eval_embedded.py's held-out list (same generator and seed)."""
-    from fastldm.shapes.captions import random_caption
+    from fastldm.tools.shapes.captions import random_caption
 
     rng = np.random.default_rng(1234)
     return [random_caption(rng, split="heldout") for _ in range(n)]

@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # like training/common.py
 from shapesworld import render_batch  # noqa: E402
 
-from fastldm.shapes.evaluate import evaluate, score  # noqa: E402
+from fastldm.tools.shapes.evaluate import evaluate, score  # noqa: E402
 
 
 def main() -> None:

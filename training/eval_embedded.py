@@ -1,9 +1,9 @@
 """Evaluate the embedded model on held-out ShapesWorld captions with fastldm's own pipeline.
 
 For each caption i of a fixed held-out list (is_held_out True, never seen in training):
-`fastldm.load(folder).generate(caption, steps=S, seed=i, guidance=G)`, then fastldm.shapes.evaluate on
+`fastldm.load(folder).generate(caption, steps=S, seed=i, guidance=G)`, then fastldm.tools.shapes.evaluate on
 the RGB image and the 16-bit depth map (/ 65535, 1 = near). Each --part writes per-attribute
-accuracies (fastldm.shapes.score, in %) and the median seconds per image as JSON, and a markdown table.
+accuracies (fastldm.tools.shapes.score, in %) and the median seconds per image as JSON, and a markdown table.
 The parts are separate so that they can run side by side:
 
     python training/eval_embedded.py --part guidance --n 30 --out runs/eval_guidance.json
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import fastldm
-from fastldm.shapes.captions import random_caption
-from fastldm.shapes.evaluate import ATTRIBUTES, evaluate, score
+from fastldm.tools.shapes.captions import random_caption
+from fastldm.tools.shapes.evaluate import ATTRIBUTES, evaluate, score
 
 
 def heldout_captions(n: int, seed: int = 1234) -> list[str]:

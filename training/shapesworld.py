@@ -1,6 +1,6 @@
 """ShapesWorld renderer: 64 x 64 RGBD scenes of shaded spheres, cubes and pyramids, with captions.
 
-What a caption means (vocabulary, palette, sizes, positions, relations) is fastldm.shapes.captions;
+What a caption means (vocabulary, palette, sizes, positions, relations) is fastldm.tools.shapes.captions;
 this file only draws a laid-out Scene. Objects are ray-cast in numpy, vectorised over all objects of
 one (slot, shape, size) in a batch, each inside a square window around it:
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastldm.shapes.captions import CANVAS, COLOURS, DEFAULT_BACKGROUND, GREY, PALETTE, Scene, sample_scene
+from fastldm.tools.shapes.captions import CANVAS, COLOURS, DEFAULT_BACKGROUND, GREY, PALETTE, Scene, sample_scene
 
 DEPTH_RANGE = 72.0                                       # Z (px) of depth 1; the nearest surface is < 65
 AMBIENT = 0.25

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from common import VAE, Checkpoints, load_vae, rgbd_batch, save_grid, to_uint8, vae_config
 
 from fastldm.models.vae import AutoencoderKL
-from fastldm.shapes.evaluate import evaluate, score
+from fastldm.tools.shapes.evaluate import evaluate, score
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .adaptive.early_stop import DEFAULT_THRESHOLD
+from .runtime.early_stop import DEFAULT_THRESHOLD
 
 
 def _fail(e: Exception) -> None:
@@ -129,7 +129,7 @@ def steps() -> None:
               help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)")
 @click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
 @click.option("--tau", default=None, type=float,
-              help="SSIM threshold of a label (default: fastldm.adaptive.labels.DEFAULT_TAU)")
+              help="SSIM threshold of a label (default: fastldm.tools.steps.labels.DEFAULT_TAU)")
 @click.option("--seed", default=0, show_default=True, type=int, help="prompt i uses seed + i")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.option("--judge", type=click.Choice(["shapes"]), help="also record ShapesWorld's evaluator per image")
@@ -139,7 +139,7 @@ def steps() -> None:
 def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, batch, judge, out, device) -> None:
     """Generate each prompt at 4..50 steps and label it with the fewest steps within SSIM TAU of 50."""
     from . import api
-    from .adaptive.labels import LabelTable, build_label_table, shapes_judge
+    from .tools.steps.labels import LabelTable, build_label_table, shapes_judge
 
     width, height = _size(size)
     lines = [p.strip() for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
@@ -175,8 +175,9 @@ def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, b
 def steps_train(model, tables, eval_labels, tau, quantile, holdout, out) -> None:
     """Train the --steps auto predictor from label tables and save it next to the model."""
     from . import api
-    from .adaptive.labels import LabelTable
-    from .adaptive.predictor import predictor_path, train_from_table
+    from .tools.steps.labels import LabelTable
+    from .runtime.step_predictor import predictor_path
+    from .tools.steps.train import train_from_table
 
     try:
         source = Path(model or api.default_model())
@@ -227,7 +228,7 @@ def info(path, allow_pickle) -> None:
 @click.option("--depth", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="16-bit depth PNG")
 def eval_shapes(image, caption, depth) -> None:
     """Check a generated ShapesWorld image (and depth) against its caption, attribute by attribute."""
-    from .shapes.evaluate import eval_shapes_cli
+    from .tools.shapes.evaluate import eval_shapes_cli
 
     try:
         click.echo(eval_shapes_cli(str(image), caption, None if depth is None else str(depth)))

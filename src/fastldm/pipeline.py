@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adaptive.deep_cache import DeepCache
-from .adaptive.early_stop import EarlyStop
-from .adaptive.predictor import load_step_predictor, prompt_features
+from .runtime.deep_cache import DeepCache
+from .runtime.early_stop import EarlyStop
+from .runtime.step_predictor import load_step_predictor, prompt_features
 from .config import ModelConfig
 from .denoiser import Denoiser
 from .runtime.cuda_graph import CUDAGraphUNet
@@ -245,7 +245,7 @@ class Pipeline:
         return GenerationResult(images, depths, seeds, steps_run[0], r, latents, raw)
 
     def auto_steps(self, prompt: str, spec: SamplerSpec) -> int:
-        """The step count the model's step predictor (adaptive/predictor.py, saved next to the model) gives
+        """The step count the model's step predictor (runtime/step_predictor.py, saved next to the model) gives
         `prompt` with sampler `spec`, within the sampler's sensible range."""
         predictor = load_step_predictor(self.source, spec)
         return predictor.predict_steps(prompt_features(self, [prompt]))[0]

@@ -168,7 +168,7 @@ class UNet2DConditionModel(nn.Module):
                 timestep_cond: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """sample (B, Cin, h, w), timestep (B,) or scalar, encoder_hidden_states (B, M, Cctx);
         SDXL also text_embeds (B, 1280) and time_ids (B, 6); LCM timestep_cond (B, Dcond).
-        cache: a fastldm.adaptive.DeepCache, whose calls either run the whole UNet and store the deep features,
+        cache: a fastldm.runtime.deep_cache.DeepCache, whose calls either run the whole UNet and store the deep features,
         or run only the shallow path on the stored ones (DeepCache, Ma et al. 2023).
         Returns the model output (B, Cout, h, w): ε or v depending on the checkpoint."""
         c = self.config

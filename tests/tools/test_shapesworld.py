@@ -1,4 +1,4 @@
-"""ShapesWorld: the caption grammar (fastldm.shapes.captions) and the renderer (training/shapesworld.py)."""
+"""ShapesWorld: the caption grammar (fastldm.tools.shapes.captions) and the renderer (training/shapesworld.py)."""
 from __future__ import annotations
 
 import itertools
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastldm.shapes.captions import (COLOURS, GREY, PALETTE, POSITION_XY, POSITIONS, RELATIONS, SHAPES, SIZES,
+from fastldm.tools.shapes.captions import (COLOURS, GREY, PALETTE, POSITION_XY, POSITIONS, RELATIONS, SHAPES, SIZES,
                                      ObjectSpec, Scene, SceneSpec, caption_of, is_held_out, parse_caption,
                                      random_caption, random_spec, sample_scene)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # training/ holds scripts, not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "training"))  # training/ holds scripts, not a package
 import shapesworld  # noqa: E402
 
 

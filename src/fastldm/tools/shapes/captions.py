@@ -1,6 +1,6 @@
 """The ShapesWorld language: its vocabulary, its two-sentence grammar, and what a caption means on a
 64 x 64 canvas (palette, sizes, positions, relations). The renderer (training/shapesworld.py) draws
-what this file lays out; the evaluator (fastldm.shapes.evaluate) checks images against it.
+what this file lays out; the evaluator (fastldm.tools.shapes.evaluate) checks images against it.
 
 Grammar (the words are fixed so that anyone can write a caption):
     a [small|large] <colour> <shape> [on the <left|right|top|bottom>|in the center] [on a <colour> background]

@@ -1,4 +1,4 @@
-"""DeepCache (fastldm.adaptive.DeepCache + UNet2DConditionModel.forward(cache=)): interval 1 is the plain UNet bit
+"""DeepCache (fastldm.runtime.deep_cache.DeepCache + UNet2DConditionModel.forward(cache=)): interval 1 is the plain UNet bit
 for bit, interval N runs the deep path once every N calls, and a cached call on the same input as the full call
 reproduces the full output (the shallow path is the UNet's own last layers on the stored features)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import UNET_CASES, randomize_
-from fastldm.adaptive import DeepCache
+from fastldm.runtime.deep_cache import DeepCache
 from fastldm.config import UNetConfig
 from fastldm.models import UNet2DConditionModel
 

@@ -1,4 +1,4 @@
-"""SSIM (fastldm.adaptive.ssim) against closed forms and scikit-image's structural_similarity (test oracle).
+"""SSIM (fastldm.tools.ssim) against closed forms and scikit-image's structural_similarity (test oracle).
 
 Tolerance against scikit-image: 1e-6. Both compute in float64 with the same 11-tap Gaussian (σ = 1.5, truncate
 3.5) over the same valid positions; they differ only in summation order (observed ~1e-12)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastldm.adaptive.ssim import K1, ssim
+from fastldm.tools.ssim import K1, ssim
 
 
 def _pair(shape, seed=0):

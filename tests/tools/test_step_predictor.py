@@ -1,4 +1,4 @@
-"""Step predictor (fastldm.adaptive.predictor) on synthetic labels: it learns a rule that the features carry,
+"""Step predictor (fastldm.runtime.step_predictor, fastldm.tools.steps.train) on synthetic labels: it learns a rule that the features carry,
 round-trips through safetensors, clamps to the sampler's range, and reports its error as documented."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastldm.adaptive.labels import STEP_GRID, LabelTable
-from fastldm.adaptive.predictor import (StepPredictor, evaluate_predictor, load_step_predictor, predictor_path,
-                                        step_range, train_step_predictor)
+from fastldm.tools.steps.labels import STEP_GRID, LabelTable
+from fastldm.runtime.step_predictor import StepPredictor, load_step_predictor, predictor_path, step_range
+from fastldm.tools.steps.train import evaluate_predictor, train_step_predictor
 from fastldm.samplers import resolve_sampler
 
 

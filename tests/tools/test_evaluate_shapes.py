@@ -1,4 +1,4 @@
-"""The ShapesWorld evaluator (fastldm.shapes.evaluate) against ground-truth renders: it must pass true captions,
+"""The ShapesWorld evaluator (fastldm.tools.shapes.evaluate) against ground-truth renders: it must pass true captions,
 fail false ones, and survive noise, blur and other resolutions."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastldm.shapes import captions as C
-from fastldm.shapes.evaluate import ATTRIBUTES, eval_shapes_cli, evaluate, label_pixels, load_depth, score
+from fastldm.tools.shapes import captions as C
+from fastldm.tools.shapes.evaluate import ATTRIBUTES, eval_shapes_cli, evaluate, label_pixels, load_depth, score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # training/ holds scripts, not a package
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "training"))  # training/ holds scripts, not a package
 import shapesworld  # noqa: E402
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}

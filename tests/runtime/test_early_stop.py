@@ -1,4 +1,4 @@
-"""Convergence early stop (fastldm.adaptive.EarlyStop) with every sampler, on denoisers whose x0 estimate is
+"""Convergence early stop (fastldm.runtime.early_stop) with every sampler, on denoisers whose x0 estimate is
 known in closed form: it stops at the first step whose relative change of the estimate is below the threshold —
 not before — and returns that step's estimate (the jump to σ = 0)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastldm.adaptive import EarlyStop
+from fastldm.runtime.early_stop import EarlyStop
 from fastldm.config import SD_SCHEDULER
 from fastldm.samplers import list_samplers, resolve_sampler, sample
 from fastldm.schedules import NoiseSchedule

@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..denoiser import Denoiser
-from ..samplers import randn, resolve_sampler, sample
-from .ssim import ssim
+from ...denoiser import Denoiser
+from ...samplers import randn, resolve_sampler, sample
+from ..ssim import ssim
 
 STEP_GRID = (4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 DEFAULT_TAU = 0.9           # provisional: `benchmarks/dynamic_execution.py tune` picks τ from the embedded

@@ -12,9 +12,10 @@ from PIL import Image
 
 import fastldm
 from conftest import randomize_
-from fastldm.adaptive.early_stop import DEFAULT_THRESHOLD
-from fastldm.adaptive.labels import LabelTable, build_label_table, render, shapes_judge
-from fastldm.adaptive.predictor import StepPredictor, predictor_path, train_from_table
+from fastldm.runtime.early_stop import DEFAULT_THRESHOLD
+from fastldm.tools.steps.labels import LabelTable, build_label_table, render, shapes_judge
+from fastldm.runtime.step_predictor import StepPredictor, predictor_path
+from fastldm.tools.steps.train import train_from_table
 from fastldm.cli import main
 from fastldm.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from fastldm.images import parse_infotext
@@ -107,7 +108,7 @@ def test_label_table_and_resume(pipe, tmp_path):
 def _synthetic_table(sampler="dpmpp_2m", n=40):
     """Labels from the prompt's text: 8 steps for prompts with 'red', 12 without (SSIM rows made to say so)."""
     rng = np.random.default_rng(0)
-    from fastldm.shapes import random_caption
+    from fastldm.tools.shapes import random_caption
     prompts = [random_caption(rng) for _ in range(n)]
     grid = (8, 10, 12, 15)
     rows = [[1.0 if s >= (8 if "red" in p else 12) else 0.5 for s in grid] for p in prompts]
