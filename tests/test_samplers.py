@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastldm.denoiser import Denoiser, guidance_embedding
-from fastldm.samplers import (list_samplers, list_schedulers, randn, resolve_sampler, sample, sample_ddim,
+from fastldm.samplers import (drive, list_samplers, list_schedulers, randn, resolve_sampler, sample, sample_ddim,
                               sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_euler_ancestral, sample_heun,
                               sample_lcm, sample_unipc)
 from fastldm.schedules import NoiseSchedule, karras_sigmas
@@ -346,7 +346,7 @@ def test_deterministic_samplers_converge_to_the_ode_solution(fn, opts, min_ratio
     for n in (10, 20, 40):
         sigmas = karras_sigmas(n + 1, 0.05, 10.0)
         x = MU + (S**2 + 10.0**2) ** 0.5 * z
-        errors[n] = (fn(Gaussian(), x, sigmas, **opts) - ode_solution(x, 10.0, 0.05)).abs().max().item()
+        errors[n] = (drive(fn(x, sigmas, **opts), Gaussian()) - ode_solution(x, 10.0, 0.05)).abs().max().item()
     assert errors[10] > errors[20] > errors[40]
     assert errors[20] / errors[40] >= min_ratio
     if min_ratio > 2:  # measured Euler error at 40 steps: 6.4e-2
@@ -356,7 +356,8 @@ def test_deterministic_samplers_converge_to_the_ode_solution(fn, opts, min_ratio
 def _stats(fn, steps, **opts):
     sigmas = torch.cat([karras_sigmas(steps, 0.03, 14.6), torch.zeros(1, dtype=torch.float64)])
     z = torch.randn(10000, 4, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = fn(Gaussian(), MU + (S**2 + 14.6**2) ** 0.5 * z, sigmas, generator=torch.Generator().manual_seed(1), **opts)
+    out = drive(fn(MU + (S**2 + 14.6**2) ** 0.5 * z, sigmas, generator=torch.Generator().manual_seed(1), **opts),
+                Gaussian())
     return out.mean().item(), out.std().item()
 
 
@@ -383,8 +384,8 @@ def test_lcm_output_distribution_is_exact():
     grid = SD_SCHEDULE.grid(4, "lcm", "leading")
     sigmas = grid.sigmas.double()
     z = torch.randn(40000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sample_lcm(Gaussian(), MU + (S**2 + sigmas[0] ** 2) ** 0.5 * z, sigmas,
-                     generator=torch.Generator().manual_seed(1))
+    out = drive(sample_lcm(MU + (S**2 + sigmas[0] ** 2) ** 0.5 * z, sigmas, timesteps=Gaussian().sigma_to_t(sigmas),
+                           generator=torch.Generator().manual_seed(1)), Gaussian())
     m, v = MU, S**2 + sigmas[0].item() ** 2
     for i in range(4):
         s, t = sigmas[i].item(), grid.timesteps[i].item() * 10
@@ -403,6 +404,8 @@ def test_lcm_boundary_condition():
         def __call__(self, x, sigma):
             return torch.zeros_like(x)
     sigma = SD_SCHEDULE.sigmas[19].double()
-    out = sample_lcm(Zero(), torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.stack([sigma, sigma * 0]))
+    sigmas = torch.stack([sigma, sigma * 0])
+    out = drive(sample_lcm(torch.ones(1, 1, 1, 1, dtype=torch.float64), sigmas, timesteps=Zero().sigma_to_t(sigmas)),
+                Zero())
     c_skip = 0.25 / (190.0**2 + 0.25)
     assert out.item() == pytest.approx(c_skip / (1 + sigma.item() ** 2) ** 0.5, rel=1e-4)  # t from σ: ±2e-4 of 19

@@ -72,24 +72,45 @@ class Denoiser:
             t = torch.where(hit.any(dim=1), self.grid.timesteps[hit.float().argmax(dim=1)], t)
         return t
 
-    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+    def inputs(self, x: Tensor, sigma: Tensor | float) -> dict[str, Tensor]:
+        """The UNet's keyword inputs for D(x, σ): sample (B', C, h, w) = c_in·x, timestep (B',) and the
+        conditioning, B' = 2B with CFG ([uncond; cond]), else B. The batched run concatenates these across
+        requests along dim 0 and calls the UNet once."""
         t = self.sigma_to_t(sigma).expand(x.shape[0]).to(x.device)                                     # (B,)
         sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0]).to(x.device)      # (B,)
-        s = sigma[:, None, None, None]                                                                  # (B,1,1,1)
-        x_in = x / (s**2 + 1) ** 0.5                                                                    # c_in·x
+        x_in = x / (sigma[:, None, None, None] ** 2 + 1) ** 0.5                                         # c_in·x
         extra = {}
         if self.guidance_embedding_dim is not None:
             w = torch.full((x.shape[0],), self.guidance - 1.0)
             extra["timestep_cond"] = guidance_embedding(w, self.guidance_embedding_dim).to(x.device, x.dtype)
         if self.do_cfg:
             x_in, t = torch.cat([x_in, x_in]), torch.cat([t, t])                # (2B, C, h, w), (2B,)
-        out = self.unet(x_in, t, **self.cond, **extra).to(x.dtype)
+        cond = dict(self.cond)
+        concat = cond.pop("c_concat", None)       # inputs concatenated to the latents (an inpainting UNet's mask)
+        if concat is not None:
+            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)              # (B', C + Cc, h, w)
+        return {"sample": x_in, "timestep": t, **cond, **extra}
+
+    def output(self, out: Tensor, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """The UNet's output (B', C, h, w) for `inputs(x, sigma)` -> x0 (B, C, h, w): CFG, then the prediction
+        type's scaling."""
+        out = out.to(x.dtype)
         if self.do_cfg:
             uncond, cond = out.chunk(2)                                         # (B, C, h, w) each
             out = uncond + self.guidance * (cond - uncond)
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1).expand(x.shape[0]).to(x.device)[:, None, None, None]
         kind = self.schedule.prediction_type
         if kind == "epsilon":
             return x - s * out
         if kind == "v_prediction":
             return out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
         return out
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        return self.output(call_unet(self.unet, self.inputs(x, sigma)), x, sigma)
+
+
+def call_unet(unet, inputs: dict[str, Tensor]) -> Tensor:
+    """unet(sample, timestep, **conditioning) for a dict from `Denoiser.inputs` (or a batch of them)."""
+    cond = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
+    return unet(inputs["sample"], inputs["timestep"], **cond)

@@ -1,7 +1,7 @@
 """Samplers: the registry of names users know, and the `sample` loop that runs one of them like diffusers would.
 
-Each sampler is a pure function `sample_x(denoiser, x, sigmas, *, generator=None, callback=None, **opts) -> x`
-(k-diffusion's signature) on σ-space latents. A `SamplerSpec` adds what diffusers' scheduler classes decide
+Each sampler is one pure loop `sample_x(x, sigmas, *, generator=None, callback=None, **opts)` on σ-space latents
+(k-diffusion's samplers, written as generators that yield each denoiser request: common.py's step protocol). A `SamplerSpec` adds what diffusers' scheduler classes decide
 implicitly: the sigma schedule (default / Karras / exponential), the timestep spacing and which diffusers scheduler's
 grid conventions apply (`family`, see schedules.py).
 
@@ -29,15 +29,18 @@ from typing import Callable, Mapping
 
 from torch import Tensor
 
+from ..errors import RequestError
+
 from ..schedules import NoiseSchedule, SamplingGrid
-from .common import Generator, randn
+from .common import Generator, Steps, drive, randn
 from .ddim import sample_ddim
 from .dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
 from .lcm import sample_lcm
 from .unipc import sample_unipc
 
-__all__ = ["SamplerSpec", "resolve_sampler", "list_samplers", "list_schedulers", "sample", "randn",
+__all__ = ["SamplerSpec", "resolve_sampler", "list_samplers", "list_schedulers", "sample", "sampling_grid",
+           "start", "to_vp", "drive", "Steps", "randn",
            "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
            "sample_dpmpp_2m_sde", "sample_unipc", "sample_lcm"]
 
@@ -58,6 +61,7 @@ class SamplerSpec:
     aliases: tuple[str, ...] = ()
     stochastic: bool = False        # draws per-step noise from the generator
     diffusers: str = ""             # the diffusers scheduler (and settings) it reproduces
+    takes_timesteps: bool = False   # fn also takes the grid's DDPM timesteps (LCM's boundary condition)
 
 
 _SAMPLERS = (
@@ -84,7 +88,7 @@ _SAMPLERS = (
     SamplerSpec("uni_pc_bh1", "UniPC bh1", sample_unipc, "multistep", options=MappingProxyType({"variant": "bh1"}),
                 diffusers="UniPCMultistepScheduler(solver_type='bh1')"),
     SamplerSpec("lcm", "LCM", sample_lcm, "lcm", aliases=("k_lcm", "LCMScheduler"), stochastic=True,
-                diffusers="LCMScheduler"),
+                diffusers="LCMScheduler", takes_timesteps=True),
 )
 
 # scheduler name -> (timestep spacing, sigma schedule); None keeps the sampler's own choice.
@@ -117,41 +121,58 @@ def resolve_sampler(name: str, scheduler: str | None = None) -> SamplerSpec:
     """A1111 label / ComfyUI name / diffusers class name (+ optional ComfyUI-style scheduler) -> SamplerSpec."""
     spec = _BY_KEY.get(_key(name))
     if spec is None:
-        raise ValueError(f"unknown sampler {name!r}; use one of: "
-                         + ", ".join(f"{s.label} ({s.name})" for s in _SAMPLERS))
+        raise RequestError("sampler", name, "one of " + ", ".join(f"{s.label} ({s.name})" for s in _SAMPLERS))
     if scheduler is None:
         return spec
     choice = {_key(k): v for k, v in _SCHEDULERS.items()}.get(_key(scheduler))
     if choice is None:
-        raise ValueError(f"unknown scheduler {scheduler!r}; use one of: {', '.join(_SCHEDULERS)}")
+        raise RequestError("scheduler", scheduler, "one of " + ", ".join(_SCHEDULERS))
     spacing, sigmas = choice
     return dataclasses.replace(spec, spacing=spacing or spec.spacing, sigmas=sigmas or spec.sigmas)
+
+
+def sampling_grid(spec: SamplerSpec, schedule: NoiseSchedule, steps: int, strength: float | None = None
+                  ) -> SamplingGrid:
+    """The σ/timestep grid `spec` runs for `steps` steps, as diffusers' StableDiffusion(Img2Img)Pipeline sets up
+    the matching scheduler. strength (img2img, in (0, 1]): only the last min(int(steps·strength), steps) steps
+    run (diffusers' `get_timesteps`); None for txt2img."""
+    spacing = spec.spacing or schedule.timestep_spacing or DEFAULT_SPACING[spec.family]
+    grid = schedule.grid(steps, spec.family, spacing, spec.sigmas)
+    if strength is None:
+        return grid
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no denoising step; raise strength or steps")
+    return SamplingGrid(grid.sigmas[steps - run:], grid.timesteps[steps - run:], grid.noise_scale)
+
+
+def start(spec: SamplerSpec, grid: SamplingGrid, noise: Tensor, init_latents: Tensor | None = None, *,
+          generator: Generator = None, callback: Callable[[dict], bool | None] | None = None) -> Steps:
+    """The sampler's steps (common.Steps) from `noise` (B, C, h, w), for txt2img (x = noise·noise_scale) or,
+    given init_latents (scaled VAE latents), img2img from init_latents + σ_start·noise (`scheduler.add_noise`).
+    The callback gets a dict per step (common.stop_requested); returning True stops with that step's x0."""
+    x = noise * grid.noise_scale if init_latents is None else init_latents + noise * grid.sigmas[0]
+    options = dict(spec.options, timesteps=grid.timesteps) if spec.takes_timesteps else spec.options
+    return spec.fn(x, grid.sigmas, generator=generator, callback=callback, **options)
+
+
+def to_vp(x: Tensor, grid: SamplingGrid, stopped: bool) -> Tensor:
+    """A sampler's final σ-space sample -> VP latents (what the VAE decodes after dividing by its scaling
+    factor): x_vp = x / sqrt(1 + σ_end²), σ_end = 0 when a callback stopped it with its x0 estimate."""
+    sigma_end = 0.0 if stopped else float(grid.sigmas[-1])
+    return x / (1 + sigma_end**2) ** 0.5
 
 
 def sample(denoiser, noise: Tensor, spec: SamplerSpec, schedule: NoiseSchedule, steps: int, *,
            generator: Generator = None, callback: Callable[[dict], bool | None] | None = None,
            init_latents: Tensor | None = None, strength: float = 1.0) -> Tensor:
-    """Run `spec` for `steps` steps as diffusers' StableDiffusion(Img2Img)Pipeline runs the matching scheduler.
-
-    noise (B, C, h, w): the initial noise, already drawn by the caller. init_latents (scaled VAE latents) turns
-    this into img2img: the last min(int(steps·strength), steps) steps run, from init_latents + σ_start·noise
-    (diffusers' `get_timesteps` + `scheduler.add_noise`). The callback gets a dict per step (see
-    common.stop_requested); returning True stops and returns that step's x0 prediction.
-    Returns VP latents (what the VAE decodes after dividing by its scaling factor).
-    """
-    spacing = spec.spacing or schedule.timestep_spacing or DEFAULT_SPACING[spec.family]
-    grid = schedule.grid(steps, spec.family, spacing, spec.sigmas)
-    if init_latents is None:
-        if strength != 1.0:
-            raise ValueError(f"strength {strength} needs init_latents (img2img); pass an image or strength=1.0")
-        x = noise * grid.noise_scale
-    else:
-        run = min(int(steps * strength), steps)
-        if run < 1:
-            raise ValueError(f"strength {strength} with {steps} steps runs no denoising step; raise strength or steps")
-        grid = SamplingGrid(grid.sigmas[steps - run:], grid.timesteps[steps - run:], grid.noise_scale)
-        x = init_latents + noise * grid.sigmas[0]
-
+    """Run `spec` for `steps` steps with `denoiser` (D(x, σ) -> x0; denoiser.Denoiser), alone, as diffusers'
+    StableDiffusion(Img2Img)Pipeline runs the matching scheduler; see `sampling_grid` and `start`. Returns VP
+    latents. (Generation runs samplers through fastldm.run, which batches requests; this is the same loop
+    for a single denoiser.)"""
+    if init_latents is None and strength != 1.0:
+        raise ValueError(f"strength {strength} needs init_latents (img2img); pass an image or strength=1.0")
+    grid = sampling_grid(spec, schedule, steps, None if init_latents is None else strength)
     stopped = False
 
     def on_step(info: dict) -> bool:
@@ -159,7 +180,6 @@ def sample(denoiser, noise: Tensor, spec: SamplerSpec, schedule: NoiseSchedule, 
         stopped = bool(callback(info))
         return stopped
 
-    x = spec.fn(denoiser.on_grid(grid), x, grid.sigmas, generator=generator,
-                callback=on_step if callback is not None else None, **spec.options)
-    sigma_end = 0.0 if stopped else float(grid.sigmas[-1])
-    return x / (1 + sigma_end**2) ** 0.5       # σ-space -> VP: x_vp = x / sqrt(1+σ²)
+    steps_ = start(spec, grid, noise, init_latents, generator=generator,
+                   callback=on_step if callback is not None else None)
+    return to_vp(drive(steps_, denoiser.on_grid(grid)), grid, stopped)

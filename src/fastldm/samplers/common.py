@@ -1,12 +1,31 @@
-"""What every sampler shares: per-step noise drawn as diffusers draws it, and the per-step callback."""
+"""What every sampler shares: the step protocol, per-step noise drawn as diffusers draws it, the per-step callback.
+
+The step protocol. A sampler is a generator function `sample_x(x, sigmas, *, generator, callback, **opts)`
+that yields `(x, sigma)` whenever it needs the denoiser D(x, σ) and is sent the x0 estimate back; it returns
+its final sample. Whoever drives it owns the denoiser: `drive` calls one directly, and the runtime's batched
+run (fastldm.run) answers the pending requests of many samplers with one UNet call, so requests can share a
+batch, join it between steps and leave it when their own steps are done, while each sampler stays one pure
+loop in the form its paper gives.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator as PyGenerator
 
 import torch
 from torch import Tensor
 
 Generator = torch.Generator | list[torch.Generator] | None
+Steps = PyGenerator[tuple[Tensor, Tensor], Tensor, Tensor]  # yields (x, σ), is sent D(x, σ), returns x
+
+
+def drive(steps: Steps, denoiser: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Run a sampler's steps to the end with `denoiser` answering each request; returns the final sample."""
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(denoiser(*request))
+    except StopIteration as done:
+        return done.value
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: Generator = None, device: torch.device | str = "cpu",

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .common import randn, stop_requested
+from .common import Steps, randn, stop_requested
 from .euler import ancestral_step
 
 
-def sample_ddim(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None, eta: float = 0.0) -> Tensor:
+def sample_ddim(x: Tensor, sigmas: Tensor, *, generator=None, callback=None, eta: float = 0.0) -> Steps:
     """DDIM with stochasticity η (0: deterministic DDIM, 1: DDPM-like ancestral sampling)."""
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i])
+        denoised = yield x, sigmas[i]
         eps = (x - denoised) / sigmas[i]
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = denoised + sigma_down * eps

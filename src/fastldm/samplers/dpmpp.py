@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import randn, stop_requested
+from .common import Steps, randn, stop_requested
 
 
-def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_dpmpp_2m(x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Steps:
     """DPM-Solver++(2M), Lu et al. 2022, Alg. 2: x' = (σ'/σ)·x - (e^-h - 1)·(D0 + D1/2),
     D1 = (D0 - D_prev)/r with r = h_prev/h."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised                                  # first-order step with h = ∞
         else:
@@ -32,13 +32,13 @@ def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, call
     return x
 
 
-def sample_dpmpp_2m_sde(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_dpmpp_2m_sde(x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Steps:
     """SDE-DPM-Solver++(2M), Lu et al. 2022, §4 / App. B (diffusers `sde-dpmsolver++`, midpoint):
     x' = (σ'/σ)·e^-h·x + (1 - e^-2h)·(D0 + D1/2) + σ'·sqrt(1 - e^-2h)·z, one fresh z per step."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = yield x, sigma
         if sigma_next == 0:
             x = denoised
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .common import randn, stop_requested
+from .common import Steps, randn, stop_requested
 
 
 def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -19,10 +19,10 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def sample_euler(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_euler(x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Steps:
     """Euler's method on the PF-ODE (Karras et al. 2022, Alg. 1 without the 2nd-order correction)."""
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i])
+        denoised = yield x, sigmas[i]
         derivative = (x - denoised) / sigmas[i]
         x = x + derivative * (sigmas[i + 1] - sigmas[i])
         if stop_requested(callback, i, sigmas, x, denoised):
@@ -30,11 +30,11 @@ def sample_euler(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
     return x
 
 
-def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
-                           eta: float = 1.0) -> Tensor:
+def sample_euler_ancestral(x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                           eta: float = 1.0) -> Steps:
     """Euler ancestral: an Euler step to σ_down plus fresh noise σ_up (k-diffusion `sample_euler_ancestral`)."""
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i])
+        denoised = yield x, sigmas[i]
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         derivative = (x - denoised) / sigmas[i]
         x = x + derivative * (sigma_down - sigmas[i])
@@ -45,19 +45,19 @@ def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, generator=Non
     return x
 
 
-def sample_heun(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Tensor:
+def sample_heun(x: Tensor, sigmas: Tensor, *, generator=None, callback=None) -> Steps:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1, S_churn = 0); the step to σ=0 is plain Euler.
     Costs 2 UNet calls per step except the last."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
+        denoised = yield x, sigma
         derivative = (x - denoised) / sigma
         dt = sigma_next - sigma
         x_euler = x + derivative * dt
         if sigma_next == 0:
             x = x_euler
         else:
-            derivative_next = (x_euler - denoiser(x_euler, sigma_next)) / sigma_next
+            derivative_next = (x_euler - (yield x_euler, sigma_next)) / sigma_next
             x = x + (derivative + derivative_next) / 2 * dt
         if stop_requested(callback, i, sigmas, x, denoised):
             return denoised

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .common import stop_requested
+from .common import Steps, stop_requested
 
 
 def _phi(h: Tensor, variant: str) -> tuple[Tensor, Tensor]:
@@ -37,8 +37,8 @@ def _corrector(x_prev: Tensor, sigmas: Tensor, i: int, m: list[Tensor], order: i
     return x - b_h * (rho_d1 * d1 + (b1 - rho_d1) * (m[-1] - m[-2]))
 
 
-def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
-                 variant: str = "bh2") -> Tensor:
+def sample_unipc(x: Tensor, sigmas: Tensor, *, generator=None, callback=None,
+                 variant: str = "bh2") -> Steps:
     """UniPC-2 (UniP-2 predictor + UniC corrector), Zhao et al. 2023, Alg. 2/3."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unknown UniPC variant {variant!r}; use bh1 or bh2")
@@ -46,7 +46,7 @@ def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, generator=None, callbac
     m: list[Tensor] = []          # x0 predictions at sigmas[0..i]
     x_prev, order_prev = None, 1
     for i in range(n):
-        denoised = denoiser(x, sigmas[i])
+        denoised = yield x, sigmas[i]
         m = (m + [denoised])[-3:]
         if x_prev is not None:
             x = _corrector(x_prev, sigmas, i, m, order_prev, variant)
