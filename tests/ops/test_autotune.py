@@ -36,20 +36,17 @@ def test_choice_is_the_fastest_accurate_backend(table):
     assert table["rel_err"]["conv2d"]["bfloat16"]["winograd"] > 0.02
 
 
-def test_install_prefers_the_choice(table, tmp_path):
+def test_preferences_prefer_the_choice(table, tmp_path):
     forced = dict(table, choice={"conv2d": {"float32": "winograd"}})
     path = tmp_path / "t.json"
     path.write_text(json.dumps(forced))
-    saved = registry.prefer({})
-    try:
-        autotune.install(path)
-        x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3)
-        with torch.no_grad():
-            assert registry.select("conv2d", x, w, None, stride=1, padding=1) == "winograd"
-        with pytest.raises(ValueError, match="measured on 'another machine'"):
-            autotune.install(dict(table, device_kind="another machine"))
-    finally:
-        registry.prefer(saved)
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3)
+    with registry.using(registry.Kernels(preferred=autotune.preferences(path))), torch.no_grad():
+        assert registry.select("conv2d", x, w, None, stride=1, padding=1) == "winograd"
+    with torch.no_grad():
+        assert registry.select("conv2d", x, w, None, stride=1, padding=1) == "reference"  # outside: unchanged
+    with pytest.raises(ValueError, match="measured on 'another machine'"):
+        autotune.preferences(dict(table, device_kind="another machine"))
 
 
 def test_latent_must_allow_three_halvings():

@@ -9,14 +9,6 @@ from fastldm import ops
 from fastldm.ops import registry
 
 
-@pytest.fixture
-def preferred():
-    """`registry.prefer` for one test; the table in force before it is restored after."""
-    saved = registry.prefer({})
-    yield registry.prefer
-    registry.prefer(saved)
-
-
 def test_forced_triton_on_unsupported_input_raises(device):
     q = torch.randn(1, 2, 8, 320, device=device)  # head dim 320: beyond the kernel's 256
     with ops.use("triton"), pytest.raises(ops.BackendUnavailable) as e:
@@ -42,11 +34,11 @@ def test_auto_never_picks_an_interpreted_kernel(device):
         assert ops.select("group_norm", x, 4, None, None, 1e-5) == "triton"
 
 
-def test_winograd_is_opt_in_and_preference_reorders_auto(preferred):
+def test_winograd_is_opt_in_and_preference_reorders_auto():
     x, w3, w1 = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3), torch.randn(4, 4, 1, 1)
     with torch.no_grad():
         assert ops.select("conv2d", x, w3, None, stride=1, padding=1) == "reference"
-        preferred({("conv2d", "cpu", torch.float32): "winograd"})
+    with torch.no_grad(), registry.prefer({("conv2d", "cpu", torch.float32): "winograd"}):
         assert ops.select("conv2d", x, w3, None, stride=1, padding=1) == "winograd"
         assert ops.select("conv2d", x.double(), w3.double(), None, stride=1, padding=1) == "reference"  # other dtype
         assert ops.select("conv2d", x, w1, None, stride=1, padding=0) == "reference"  # winograd cannot: fall back

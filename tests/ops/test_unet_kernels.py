@@ -35,15 +35,11 @@ def test_unet_with_all_kernels_matches_reference(device, attention, conv):
     with torch.no_grad():
         with ops.use("reference"):
             ref = model(x, t, ctx)
-        winograd.WEIGHTS.clear()
-        saved = registry.prefer({("conv2d", device.type, torch.float32): conv})  # 3x3 convs; the rest fall back
-        try:
+        kernels = registry.Kernels(preferred={("conv2d", device.type, torch.float32): conv})  # 3x3 convs; the rest
+        with registry.using(kernels):                                                      # fall back
             with ops.use(attention=attention, group_norm="triton", geglu="triton", gelu="triton"):
                 out = model(x, t, ctx)
-        finally:
-            registry.prefer(saved)
-    assert winograd.WEIGHTS.nbytes > 0  # the Winograd backend really ran
-    winograd.WEIGHTS.clear()
+            assert winograd.weights().nbytes > 0  # the Winograd backend really ran
     # fp32 throughout; the error is dominated by Winograd's (~1e-5 of max|y| per conv, observed), compounded
     # over ~15 convolutions: 1e-4 of max|ref| leaves a margin of a few x over the observed error.
     err = (out - ref).abs().max().item()

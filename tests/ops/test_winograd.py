@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastldm.ops import winograd
+from fastldm.ops import registry, winograd
 
 
 def conv_inputs(B, C, K, H, W, dtype, seed=0, device="cpu"):
@@ -87,10 +87,10 @@ def test_weight_cache_is_bounded():
 
 def test_prepare_transforms_eligible_convs_only():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, stride=2, padding=1))
-    winograd.WEIGHTS.clear()
-    assert winograd.prepare(model) == 36 * 8 * 4 * 4
-    assert winograd.WEIGHTS.get(model[0].weight) is winograd.WEIGHTS.get(model[0].weight)
-    winograd.WEIGHTS.clear()
+    with registry.using(registry.Kernels()):                 # a selection of its own: an empty cache
+        assert winograd.prepare(model) == 36 * 8 * 4 * 4
+        assert winograd.weights().get(model[0].weight) is winograd.weights().get(model[0].weight)
+    assert winograd.weights().nbytes == 0                    # the default selection's cache was not touched
 
 
 def test_supports_states_limits():

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..config import PRESETS, UNetConfig
+from ..config import UNetConfig
+from ..families import PRESETS
+from ..errors import BackendUnavailable
 from ..models import UNet2DConditionModel
 from ..ops import autotune, registry, winograd
 
@@ -186,12 +188,9 @@ def _backend_set(backends: dict[str, str], device: torch.device, dtype: torch.dt
     to the reference."""
     forced = {op: b for op, b in backends.items() if op != "conv2d"}
     conv = backends.get("conv2d")
-    saved = registry.prefer({} if conv is None else {("conv2d", device.type, dtype): conv})
-    try:
+    with registry.prefer({} if conv is None else {("conv2d", device.type, dtype): conv}):
         with ops.use("reference", **forced, **({} if conv is None else {"conv2d": "auto"})):
             yield
-    finally:
-        registry.prefer(saved)
 
 
 def _run(step: Callable, args: dict, backends: dict[str, str], device: torch.device, dtype: torch.dtype):
@@ -254,50 +253,46 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
     device, dtype = p.device, p.dtype
     args = unet_inputs(unet.config, latent, device, dtype, batch, seed)
     load_before = os.getloadavg()
-    winograd.WEIGHTS.clear()
-    saved_limit, saved_prefer = winograd.WEIGHTS.max_bytes, registry.prefer({})
+    kernels = registry.Kernels()  # the table's own selection and caches, whatever the caller has active
     # Room for all of this UNet's transformed weights: an eviction would re-transform them on every call.
-    winograd.WEIGHTS.max_bytes = max(saved_limit, 2 * _winograd_bytes(unet))
+    with registry.using(kernels):
+        winograd.weights().max_bytes = max(winograd.weights().max_bytes, 2 * _winograd_bytes(unet))
     candidates = _fastldm_rows(unet, args, device, dtype) + (_peer_rows(unet, args, with_compile) if peers else [])
     params = _param_bytes(unet)
     runnable, ref = [], None
-    try:
-        with torch.inference_mode():
-            for row, fn in candidates:
-                if fn is None:
-                    continue
-                try:
-                    cuda_base = _cuda_reset(device)
-                    t0 = time.perf_counter()
-                    out = fn().float()
-                    # A CUDA graph allocates during warm-up and capture, and nothing on replay: Tensor MB is
-                    # measured on that first call.
-                    first_peak = _cuda_peak(device, cuda_base)
-                    row.first_call_s = round(time.perf_counter() - t0, 3)
-                    for _ in range(warmup):
-                        fn()
-                except RuntimeError as e:  # ops.BackendUnavailable (a kernel's limits), out of memory, ...
-                    row.na = f"failed: {str(e).splitlines()[0]}"
-                    continue
-                if not torch.isfinite(out).all():
-                    row.na = "non-finite output"
-                    continue
-                if row.name == "Baseline":
-                    ref = out
-                if ref is not None:
-                    row.rel_err = float((out - ref).abs().max() / ref.abs().max())
-                derived = winograd.WEIGHTS.nbytes if "winograd" in row.backends else 0
-                row.weight_mb = round((params + derived) / 2**20, 1)
-                tensor = first_peak if "CUDA graph" in row.backends else peak_bytes(fn, device)
-                row.tensor_mb = round(tensor / 2**20, 1)
-                runnable.append((row, fn))
-            times: dict[str, list[float]] = {row.name: [] for row, _ in runnable}
-            for _ in range(repeats):
-                for row, fn in runnable:
-                    times[row.name].append(_time_ms(fn, device))
-    finally:
-        winograd.WEIGHTS.max_bytes = saved_limit
-        registry.prefer(saved_prefer)
+    with torch.inference_mode(), registry.using(kernels):
+        for row, fn in candidates:
+            if fn is None:
+                continue
+            try:
+                cuda_base = _cuda_reset(device)
+                t0 = time.perf_counter()
+                out = fn().float()
+                # A CUDA graph allocates during warm-up and capture, and nothing on replay: Tensor MB is
+                # measured on that first call.
+                first_peak = _cuda_peak(device, cuda_base)
+                row.first_call_s = round(time.perf_counter() - t0, 3)
+                for _ in range(warmup):
+                    fn()
+            except RuntimeError as e:  # ops.BackendUnavailable (a kernel's limits), out of memory, ...
+                row.na = f"failed: {str(e).splitlines()[0]}"
+                continue
+            if not torch.isfinite(out).all():
+                row.na = "non-finite output"
+                continue
+            if row.name == "Baseline":
+                ref = out
+            if ref is not None:
+                row.rel_err = float((out - ref).abs().max() / ref.abs().max())
+            derived = winograd.weights().nbytes if "winograd" in row.backends else 0
+            row.weight_mb = round((params + derived) / 2**20, 1)
+            tensor = first_peak if "CUDA graph" in row.backends else peak_bytes(fn, device)
+            row.tensor_mb = round(tensor / 2**20, 1)
+            runnable.append((row, fn))
+        times: dict[str, list[float]] = {row.name: [] for row, _ in runnable}
+        for _ in range(repeats):
+            for row, fn in runnable:
+                times[row.name].append(_time_ms(fn, device))
     for row, _ in runnable:
         row.ms = round(statistics.median(times[row.name]), 3)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -317,15 +312,12 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
 
 
 def ablation(model: str = "sd15", device: str = "cpu", size: int | None = None, dtype: torch.dtype | None = None,
-             repeats: int | None = None, warmup: int = 1, with_compile: bool = True,
-             threads: int | None = None) -> dict:
+             repeats: int | None = None, warmup: int = 1, with_compile: bool = True) -> dict:
     """Run the ablation on `model`: "sd15" or "sdxl" (full size, random weights) or a checkpoint path, at a
-    `size`×`size` image (default: the model's), with `threads` intra-op CPU threads (default: torch's)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    `size`×`size` image (default: the model's), with the process's intra-op CPU threads."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise BackendUnavailable("a CUDA device was asked for but none is available; use the CPU")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if model in MODELS:
         config = PRESETS[MODELS[model]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import blocked_attention, reference, winograd
-from .registry import BackendUnavailable, backends, dispatch, prefer, register, select, use
+from .registry import BackendUnavailable, Kernels, active, backends, dispatch, prefer, register, select, use, using
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
     register(_op, "reference", getattr(reference, _op), priority=-100)
@@ -40,5 +40,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias, stride: int = 1, padding
     return dispatch("conv2d", x, weight, bias, stride=stride, padding=padding)
 
 
-__all__ = ["attention", "group_norm", "gelu", "geglu", "conv2d", "use", "register", "backends", "select",
-           "prefer", "BackendUnavailable"]
+__all__ = ["attention", "group_norm", "gelu", "geglu", "conv2d", "use", "using", "Kernels", "active", "register",
+           "backends", "select", "prefer", "BackendUnavailable"]

@@ -2,9 +2,10 @@
 
 `measure_table(device)` times every backend that can run each op on representative Stable Diffusion 1.5
 shapes (512×512 image, 64×64 latent, classifier-free-guidance batch 2) and chooses, per op and dtype,
-the backend with the least total time over the cases. `install(table)` hands those choices to the
-registry (`registry.prefer`), so `auto` tries the chosen backend first and falls back to the priority
-order for calls it cannot run. With no table installed, `auto` is the registry's priority order.
+the backend with the least total time over the cases. `preferences(table)` turns those choices into the
+`preferred` table of a `registry.Kernels` (a Pipeline's) or of `registry.prefer`, so `auto` tries the chosen
+backend first and falls back to the priority order for calls it cannot run. Without preferences, `auto` is
+the registry's priority order.
 
 A backend is a candidate if it can run every case of its op and its output stays close to the
 reference's; the fastest candidate wins. Backends whose kernels would run in the Triton interpreter
@@ -177,14 +178,15 @@ def measure_table(device: str | torch.device, path: str | Path | None = None,
     return table
 
 
-def install(table: dict | str | Path) -> None:
-    """Let `auto` use a table from `measure_table` (the dict or its JSON file) on the device it was
-    measured on; raises if this machine's device differs."""
+def preferences(table: dict | str | Path) -> dict[tuple[str, str, torch.dtype], str]:
+    """The `auto` preferences of a table from `measure_table` (the dict or its JSON file), for a
+    `registry.Kernels(preferred=...)` (a Pipeline's) or `registry.prefer(...)`; raises if the table was
+    measured on another kind of device than this machine's."""
     if not isinstance(table, dict):
         table = json.loads(Path(table).read_text())
     here = device_kind(torch.device(table["device"]))
     if table["device_kind"] != here:
         raise ValueError(f"this autotune table was measured on {table['device_kind']!r}, not on this {here!r}; "
                          f"measure one here with fastldm.ops.autotune.measure_table")
-    registry.prefer({(op, table["device"], getattr(torch, dt)): name
-                     for op, per in table["choice"].items() for dt, name in per.items()})
+    return {(op, table["device"], getattr(torch, dt)): name
+            for op, per in table["choice"].items() for dt, name in per.items()}

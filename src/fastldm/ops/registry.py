@@ -6,13 +6,22 @@ cannot run a given call, or None. Dispatch takes the forced backend for the op i
 (and raises if it cannot run the call: never a silent fallback), otherwise the first backend, in priority
 order, whose check passes. `reference` (plain PyTorch) is registered for every op and always applies.
 A measured table (fastldm.ops.autotune) can put one backend first per (op, device type, dtype): `prefer`.
+
+Selections are per context, never process-wide: a `Kernels` object (forced backends, preferred backends and
+the kernel caches that go with them, such as Winograd's transformed weights) is made active for a block of
+code with `using(kernels)`; a Pipeline owns one and activates it around every call into its models, so two
+pipelines with different selections run side by side, in two threads or one. `use` and `prefer` layer a
+change on top of the active selection for a `with` block. Outside any pipeline the process's default
+`Kernels()` applies (priority order, empty caches).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
-from typing import Callable
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 
@@ -30,12 +39,59 @@ class Backend:
 
 
 _backends: dict[str, list[Backend]] = {op: [] for op in OPS}
-_forced: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("fastldm_forced", default={})
-_preferred: dict[tuple[str, str, torch.dtype], str] = {}  # (op, device type, dtype) -> backend tried first
 
 
 def _always(*args, **kwargs) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A kernel selection and its caches. forced: {op: backend} (dispatch raises if it cannot run a call);
+    preferred: {(op, device type, dtype): backend} tried first by `auto`; caches: per-selection kernel state
+    (`cache(name, factory)`), owned by whoever owns this object."""
+    forced: Mapping[str, str] = field(default_factory=dict)
+    preferred: Mapping[tuple[str, str, torch.dtype], str] = field(default_factory=dict)
+    caches: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        for op, name in self.forced.items():
+            if op not in _backends or name not in backends(op):
+                raise ValueError(f"no backend {name!r} for op {op!r}; available: "
+                                 f"{', '.join(backends(op)) if op in _backends else 'none (ops: ' + ', '.join(OPS) + ')'}")
+        for (op, _, _), name in self.preferred.items():
+            if op not in _backends or name not in backends(op):
+                raise ValueError(f"cannot prefer {name!r} for {op!r}: not a registered backend of that op")
+
+    def replace(self, **changes) -> "Kernels":
+        """The same selection with some fields changed; the caches are shared (they key on the weights)."""
+        return dataclasses.replace(self, **changes, caches=self.caches)
+
+
+_active: contextvars.ContextVar[Kernels] = contextvars.ContextVar("fastldm_kernels", default=Kernels())
+
+
+def active() -> Kernels:
+    """The selection in force in this context."""
+    return _active.get()
+
+
+@contextlib.contextmanager
+def using(kernels: Kernels):
+    """Make `kernels` the selection for the `with` block (in this thread / task only)."""
+    token = _active.set(kernels)
+    try:
+        yield kernels
+    finally:
+        _active.reset(token)
+
+
+def cache(name: str, factory: Callable[[], object]):
+    """The active selection's cache `name`, made by `factory()` on first use."""
+    caches = _active.get().caches
+    if name not in caches:
+        caches[name] = factory()
+    return caches[name]
 
 
 def register(op: str, name: str, fn: Callable, supports: Callable[..., str | None] = _always,
@@ -52,33 +108,28 @@ def backends(op: str) -> list[str]:
     return [b.name for b in _backends[op]]
 
 
-def prefer(table: dict[tuple[str, str, torch.dtype], str]) -> dict[tuple[str, str, torch.dtype], str]:
-    """Make `auto` try `table[(op, device type, dtype)]` (keyed on the first tensor argument) before the
-    priority order; its `supports` still applies. Replaces the previous table, which is returned.
-    `fastldm.ops.autotune.install` sets it from measurements; `prefer({})` restores the priority order."""
-    for (op, _, _), name in table.items():
-        if op not in _backends or name not in backends(op):
-            raise ValueError(f"cannot prefer {name!r} for {op!r}: not a registered backend of that op")
-    previous = dict(_preferred)
-    _preferred.clear()
-    _preferred.update(table)
-    return previous
+def prefer(table: Mapping[tuple[str, str, torch.dtype], str]):
+    """Inside the `with` block, `auto` tries `table[(op, device type, dtype)]` (keyed on the first tensor
+    argument) before the priority order; its `supports` still applies. Replaces the active preferences
+    (`prefer({})` restores the priority order). `fastldm.ops.autotune.preferences` makes one from measurements."""
+    return using(_active.get().replace(preferred=dict(table)))
 
 
 def selection() -> tuple:
-    """The backend selection in force, hashable: the forced backends (`use`) and the `prefer` table. Code
-    that caches a traced call (CUDA graphs) keys on it, since another selection is another kernel sequence."""
-    forced = tuple(sorted(_forced.get().items()))
-    preferred = tuple(sorted((op, dev, str(dt), name) for (op, dev, dt), name in _preferred.items()))
+    """The backend selection in force, hashable: the forced backends and the preferences. Code that caches a
+    traced call (CUDA graphs) keys on it, since another selection is another kernel sequence."""
+    k = _active.get()
+    forced = tuple(sorted(k.forced.items()))
+    preferred = tuple(sorted((op, dev, str(dt), name) for (op, dev, dt), name in k.preferred.items()))
     return forced, preferred
 
 
 def _auto_order(op: str, args: tuple) -> list[Backend]:
     """The order `auto` tries backends in: the preferred one for this call first, then by priority."""
-    first = args[0] if args else None
-    if not _preferred or not isinstance(first, torch.Tensor):
+    first, preferred = args[0] if args else None, _active.get().preferred
+    if not preferred or not isinstance(first, torch.Tensor):
         return _backends[op]
-    name = _preferred.get((op, first.device.type, first.dtype))
+    name = preferred.get((op, first.device.type, first.dtype))
     return _backends[op] if name is None else sorted(_backends[op], key=lambda b: b.name != name)
 
 
@@ -86,7 +137,7 @@ def _auto_order(op: str, args: tuple) -> list[Backend]:
 def _forced_backend(op: str) -> str | None:
     """The backend forced for `op` by `use()`, if any. Under torch.compile this is read once, at trace time
     (a context variable cannot be traced), so a compiled model keeps the backends it was compiled with."""
-    return _forced.get().get(op)
+    return _active.get().forced.get(op)
 
 
 def dispatch(op: str, *args, **kwargs):
@@ -109,20 +160,29 @@ def dispatch(op: str, *args, **kwargs):
 
 def select(op: str, *args, **kwargs) -> str:
     """The name of the backend `dispatch` would use for this call (for tests and reports)."""
-    forced = _forced.get().get(op)
+    forced = _active.get().forced.get(op)
     if forced is not None:
         return forced
     return next(b.name for b in _auto_order(op, args) if b.supports(*args, **kwargs) is None)
 
 
-@contextlib.contextmanager
 def use(backend: str | None = None, **per_op: str):
-    """Force backends inside a `with` block: `use("reference")` for every op, or per op:
-    `use(attention="triton", conv2d="winograd")`. "auto" removes a force."""
+    """Force backends inside a `with` block, on top of the active selection: `use("reference")` for every op
+    that has it, or per op: `use(attention="triton", conv2d="winograd")`. "auto" removes a force."""
     unknown = set(per_op) - set(OPS)
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; ops are {', '.join(OPS)}")
-    forced = dict(_forced.get())
+    if backend not in (None, "auto") and not any(backend in backends(op) for op in OPS):
+        raise ValueError(f"no backend named {backend!r}; known: "
+                         f"{', '.join(sorted({b for op in OPS for b in backends(op)}))}")
+    return using(_active.get().replace(forced=forced_table(backend, **per_op, base=_active.get().forced)))
+
+
+def forced_table(backend: str | None = None, *, base: Mapping[str, str] = MappingProxyType({}),
+                 **per_op: str) -> dict[str, str]:
+    """{op: backend} from `use`'s arguments on top of `base`: `backend` for every op that has it, `per_op`
+    naming a backend per op ("auto" removes the op's force)."""
+    forced = dict(base)
     for op in OPS:
         name = per_op.get(op, backend)
         if name is None:
@@ -133,11 +193,4 @@ def use(backend: str | None = None, **per_op: str):
             forced[op] = name
         elif op in per_op:
             raise ValueError(f"no backend {name!r} for op {op!r}; available: {', '.join(backends(op))}")
-    if backend not in (None, "auto") and not any(backend in backends(op) for op in OPS):
-        raise ValueError(f"no backend named {backend!r}; known: "
-                         f"{', '.join(sorted({b for op in OPS for b in backends(op)}))}")
-    token = _forced.set(forced)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+    return forced

@@ -13,7 +13,7 @@ Costs, stated up front:
 - Accuracy: the transforms have coefficients up to 5 (Bᵀ) and 8 (Aᵀ) and cancel, so the error is larger
   than direct convolution's in the same dtype: measured 5-36× F.conv2d's error in fp32 (~1e-5 of max|y|)
   and 23-55× in fp16/bf16 (~1% of max|y| in fp16, ~10% in bf16); tests/ops/test_winograd.py bounds it.
-- Memory: transformed weights are 36/9 = 4× the 3×3 weights (kept in `WEIGHTS`); per call the tile
+- Memory: transformed weights are 36/9 = 4× the 3×3 weights (kept in the active selection's cache, `weights()`); per call the tile
   buffers V and M are 36/16 = 2.25× the (tile-padded) input and output.
 Inference only (the cached weight transform does not carry gradients). This module is plain PyTorch and
 runs anywhere; fastldm.ops.triton.winograd swaps in Triton input/output transforms on CUDA.
@@ -27,6 +27,8 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import registry
 
 # The F(4×4, 3×3) matrices of Lavin & Gray 2016, from the interpolation points 0, ±1, ±2, ∞.
 BT = torch.tensor([[4, 0, -5, 0, 1, 0],
@@ -95,7 +97,10 @@ class TransformedWeights:
         self._entries.clear()
 
 
-WEIGHTS = TransformedWeights()
+def weights() -> TransformedWeights:
+    """The transformed-weight cache of the active kernel selection (registry.Kernels): each Pipeline owns
+    its own, bounded by `max_bytes`."""
+    return registry.cache("winograd", TransformedWeights)
 
 
 def prepare(module: nn.Module) -> int:
@@ -105,8 +110,8 @@ def prepare(module: nn.Module) -> int:
     for m in module.modules():
         if (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
                 and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1):
-            WEIGHTS.get(m.weight)
-    return WEIGHTS.nbytes
+            weights().get(m.weight)
+    return weights().nbytes
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
@@ -168,7 +173,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     """3×3 stride-1 padding-1 convolution of x (B, C, H, W) by weight (K, C, 3, 3) -> (B, K, H, W),
     in x's dtype and memory format."""
     B, _, H, W = x.shape
-    m = torch.bmm(WEIGHTS.get(weight), transform_input(x))  # (36, K, P)
+    m = torch.bmm(weights().get(weight), transform_input(x))  # (36, K, P)
     if bias is not None:
         m[BIAS_PLANE] += bias[:, None]
     return transform_output(m, B, H, W, x.is_contiguous(memory_format=torch.channels_last))

@@ -117,7 +117,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     bt, at = _matrices(x.device)
     v = torch.empty(36, C, P, device=x.device, dtype=x.dtype)
     _input_transform[(triton.cdiv(C * P, BLOCK),)](x, v, bt, C, H, W, nH, nW, P, *x.stride(), BLOCK=BLOCK)
-    m = torch.bmm(winograd.WEIGHTS.get(weight), v)  # (36, K, P)
+    m = torch.bmm(winograd.weights().get(weight), v)  # (36, K, P)
     if out is None:
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty(B, K, H, W, device=x.device, dtype=x.dtype, memory_format=fmt)
