@@ -273,7 +273,7 @@ def cmd_results(a) -> None:
 
 def sd15_pipeline(dtype: torch.dtype):
     """SD 1.5's architecture with random weights (N(0, 0.02²)), as benchmarks/load_sd15.py builds it."""
-    from fastldm.config import PRESETS
+    from fastldm.families import PRESETS
     from fastldm.loading.load import _MODELS
     from fastldm.pipeline import Pipeline
     from fastldm.tokenizer import CLIPTokenizer

@@ -31,7 +31,7 @@ def make_folder(path: Path) -> None:
     """A full SD 1.5 architecture with random fp16 weights, saved as a diffusers folder."""
     import torch
 
-    from fastldm.config import PRESETS
+    from fastldm.families import PRESETS
     from fastldm.loading.load import _MODELS
     from fastldm.loading.save import save_folder
     from fastldm.tokenizer import CLIPTokenizer

@@ -14,7 +14,8 @@ import dataclasses
 import pytest
 import torch
 
-from fastldm.config import PRESETS, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from fastldm.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from fastldm.families import PRESETS
 from fastldm.loading import UnknownCheckpointError, detect_single_file, ldm_to_ours
 from test_keymaps import VARIANTS, export, header
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from fastldm.config import PRESETS
+from fastldm.families import PRESETS
 from fastldm.models import AutoencoderKL, UNet2DConditionModel
 
 pytestmark = pytest.mark.slow

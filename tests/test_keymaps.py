@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fastldm.config import PRESETS, CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
+from fastldm.config import CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
+from fastldm.families import PRESETS
 from fastldm.loading import (Rename, UnknownCheckpointError, apply_op, canonical_clip_keys, ldm_to_ours,
                              modernize_vae_keys, save_single_file, unused_keys)
 

@@ -1,4 +1,4 @@
-"""Frozen model configs and the presets of the Stable Diffusion family.
+"""Frozen model configs (the full-size presets of each family are rows of families.py).
 
 Field names follow diffusers' config.json where one exists, so a diffusers config maps onto these
 dataclasses with `from_diffusers`. Everything the models need is here; nothing is read at run time.
@@ -203,29 +203,3 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
-
-
-_CLIP_L = CLIPConfig()
-_OPENCLIP_H = CLIPConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                         num_attention_heads=16, hidden_act="gelu", pad_token_id=0)
-_OPENCLIP_BIGG = CLIPConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                            num_attention_heads=20, hidden_act="gelu", projection_dim=1280, pad_token_id=0)
-_SD2_UNET = UNetConfig(attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
-
-PRESETS: dict[str, ModelConfig] = {
-    "sd1": ModelConfig("sd1", _CLIP_L, UNetConfig(), VAEConfig()),
-    "sd2": ModelConfig("sd2", _OPENCLIP_H, _SD2_UNET, VAEConfig(), clip_layer=-1),
-    "sd2-v": ModelConfig("sd2", _OPENCLIP_H, dataclasses.replace(_SD2_UNET, upcast_attention=True, sample_size=96),
-                         VAEConfig(), scheduler=SD_SCHEDULER | {"prediction_type": "v_prediction"},
-                         default_size=768),
-    "sdxl": ModelConfig(
-        "sdxl", _CLIP_L,
-        UNetConfig(block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2), cross_attn=(False, True, True),
-                   attention_heads=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
-                   cross_attention_dim=2048, use_linear_projection=True, addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=2816, sample_size=128),
-        VAEConfig(scaling_factor=0.13025, sample_size=1024), text_encoder_2=_OPENCLIP_BIGG, clip_layer=-2,
-        default_size=1024),
-    "ldm3d-4c": ModelConfig("ldm3d", _CLIP_L, UNetConfig(), VAEConfig(in_channels=4, out_channels=4)),
-    "ldm3d": ModelConfig("ldm3d", _CLIP_L, UNetConfig(), VAEConfig(in_channels=6, out_channels=6)),
-}

@@ -1,7 +1,7 @@
 """Which model a single-file checkpoint holds, and its whole config, from tensor names and shapes only.
 
-No tensor data is read (DESIGN rule 5; sd.cpp `detect_from_weights` does the same). What shapes cannot tell
-comes from the family's preset (config.PRESETS) and is listed here:
+No tensor data is read (DESIGN rule 5; sd.cpp `detect_from_weights` does the same). Detection ends in a row
+of families.py; what shapes cannot tell comes from that row (its preset, head rule, prediction convention):
 
 - family: the text-encoder layout. `cond_stage_model.transformer.*` (OpenAI CLIP, transformers names) ->
   sd1, or ldm3d when the VAE has 4 or 6 image channels (RGB + depth); `cond_stage_model.model.*`
@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..config import PRESETS, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
-from .keymaps import (TEXT_LAYOUTS, UNET_PREFIX, VAE_PREFIXES, UnknownCheckpointError, is_ignored,
+from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from ..errors import SettingError
+from ..families import DETECT_ORDER, FAMILIES, Family, family_of, stack_default, text_layout
+from .keymaps import (UNET_PREFIX, VAE_PREFIXES, UnknownCheckpointError, is_ignored,
                       ldm_to_ours)
 
 Shapes = dict[str, tuple[int, ...]]
@@ -105,13 +107,13 @@ def _up_levels(s: Shapes) -> list[list[tuple[int, int]]]:
     return levels
 
 
-def _unet_config(s: Shapes, base: UNetConfig, family: str, pooled_dim: int | None) -> UNetConfig:
+def _unet_config(s: Shapes, base: UNetConfig, row: Family, pooled_dim: int | None) -> UNetConfig:
     _need(s, "UNet", "input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight")
     c0, in_ch = s["input_blocks.0.0.weight"][:2]
     if s["time_embed.0.weight"] != (4 * c0, c0):
         raise UnknownCheckpointError(f"unsupported UNet: time embedding {s['time_embed.0.weight']} is not "
                                      f"4 x {c0} channels wide")
-    if _has(s, "label_emb.") and (family != "sdxl" or "label_emb.0.0.weight" not in s):
+    if _has(s, "label_emb.") and (not row.time_ids or "label_emb.0.0.weight" not in s):
         raise UnknownCheckpointError("unsupported UNet: class-conditioned (label_emb; an upscaler or unCLIP "
                                      "model); fastldm runs text-to-image SD1/SD2/SDXL/LDM3D")
     down, up = _down_levels(s), _up_levels(s)
@@ -147,7 +149,7 @@ def _unet_config(s: Shapes, base: UNetConfig, family: str, pooled_dim: int | Non
         raise UnknownCheckpointError("unsupported UNet: no cross-attention anywhere")
     _need(s, "UNet", f"{attn}.transformer_blocks.0.attn2.to_k.weight")
     add_dim = proj_dim = None
-    if family == "sdxl":
+    if row.time_ids:
         _need(s, "SDXL UNet", "label_emb.0.0.weight")
         proj_dim = s["label_emb.0.0.weight"][1]
         add_dim, rest = divmod(proj_dim - (pooled_dim or 0), 6)
@@ -158,7 +160,7 @@ def _unet_config(s: Shapes, base: UNetConfig, family: str, pooled_dim: int | Non
     return dataclasses.replace(
         base, in_channels=in_ch, out_channels=s["out.2.weight"][0], block_out_channels=ch,
         layers_per_block=tuple(len(lv) for lv in down), cross_attn=tuple(d > 0 for d in attn_depth),
-        attention_heads=tuple(8 if family in ("sd1", "ldm3d") else _heads64(w) for w in ch),
+        attention_heads=row.unet_heads(ch),
         transformer_layers_per_block=tuple(depth),
         cross_attention_dim=s[f"{attn}.transformer_blocks.0.attn2.to_k.weight"][1],
         use_linear_projection=len(s[f"{attn}.proj_in.weight"]) == 2, mid_block=mid,
@@ -203,7 +205,7 @@ def _clip_config(s: Shapes, base: CLIPConfig) -> CLIPConfig:
         projection_dim=None)
 
 
-def _openclip_config(s: Shapes, base: CLIPConfig, drop_last: bool, projection: bool) -> CLIPConfig:
+def _openclip_config(s: Shapes, base: CLIPConfig, drop_last: int, projection: bool) -> CLIPConfig:
     _need(s, "OpenCLIP text encoder", "token_embedding.weight", "positional_embedding",
           "transformer.resblocks.0.mlp.c_fc.weight", *(["text_projection"] if projection else []))
     vocab, width = s["token_embedding.weight"]
@@ -217,11 +219,11 @@ def _openclip_config(s: Shapes, base: CLIPConfig, drop_last: bool, projection: b
 
 # ---- the whole checkpoint ----------------------------------------------------------------------------------
 
-def _prediction_type(family: str, shapes: Shapes, meta: dict, override: str | None) -> str:
-    """The rules in the module docstring, in order."""
+def _prediction_type(stack: str, shapes: Shapes, meta: dict, override: str | None) -> str:
+    """The rules in the module docstring, in order; the last two are the family's (families.py)."""
     if override is not None:
         if override not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {override!r}")
+            raise SettingError(f"prediction_type must be 'epsilon' or 'v_prediction', not {override!r}")
         return override
     if "v_pred" in shapes:
         return "v_prediction"
@@ -235,9 +237,8 @@ def _prediction_type(family: str, shapes: Shapes, meta: dict, override: str | No
         return "epsilon"
     if str(meta.get("ss_v_parameterization", "")).lower() == "true":
         return "v_prediction"
-    if family == "sd2" and str(meta.get("global_step", "")) == "875000":
-        return "epsilon"
-    return "v_prediction" if family == "sd2" else "epsilon"
+    hints = (f.prediction_hint(meta) for f in FAMILIES if f.stack == stack and f.prediction_hint is not None)
+    return next((h for h in hints if h is not None), stack_default(stack).prediction)
 
 
 def _not_a_checkpoint(shapes: Shapes) -> UnknownCheckpointError:
@@ -261,9 +262,9 @@ def _family(shapes: Shapes) -> str:
     if _has(shapes, "conditioner.embedders.0.model."):
         raise UnknownCheckpointError("unsupported checkpoint: SDXL refiner (OpenCLIP-bigG only, no CLIP-L); "
                                      "give an SDXL base checkpoint")
-    for family in ("sdxl", "sd2", "sd1"):
-        if all(_has(shapes, p) for _, p in TEXT_LAYOUTS[family].values()):
-            return family
+    for stack in DETECT_ORDER:
+        if all(_has(shapes, p) for _, p in text_layout(stack).values()):
+            return stack
     found = sorted({m[0] for k in shapes if (m := re.match(r"(cond_stage_model|conditioner)\.\w+\.\w+", k))})
     raise UnknownCheckpointError(
         f"checkpoint has a UNet but no known text encoder (found {', '.join(found) or 'none'}; expected "
@@ -277,34 +278,43 @@ def detect_single_file(shapes: dict[str, tuple[int, ...]], metadata: dict | None
     SD2's 512/768 preset). Raises UnknownCheckpointError, naming what was found, for anything else."""
     shapes = {k: tuple(v) for k, v in shapes.items()}
     meta = metadata or {}
-    family = _family(shapes)
+    layout_stack = _family(shapes)
     vae_p = next((p for p in VAE_PREFIXES if f"{p}decoder.conv_in.weight" in shapes), None)
     if vae_p is None:
-        raise UnknownCheckpointError(f"checkpoint has a UNet and a {family} text encoder but no VAE "
+        raise UnknownCheckpointError(f"checkpoint has a UNet and a {layout_stack} text encoder but no VAE "
                                      f"(first_stage_model.*); pick a full checkpoint, not a UNet-only one")
     vae_s = _sub(shapes, vae_p)
-    if family == "sd1" and vae_s.get("encoder.conv_in.weight", (0, 3))[1] in (4, 6):
-        family = "ldm3d"
-    pred = _prediction_type(family, shapes, meta, prediction_type)
-    preset = PRESETS[{"sd1": "sd1", "ldm3d": "ldm3d", "sd2": "sd2-v" if pred == "v_prediction" else "sd2",
-                      "sdxl": "sdxl"}[family]]
-    layout = TEXT_LAYOUTS[family]
-    te2 = None
-    if family == "sdxl":
-        te = _clip_config(_sub(shapes, layout["text_encoder"][1]), preset.text_encoder)
-        te2 = _openclip_config(_sub(shapes, layout["text_encoder_2"][1]), preset.text_encoder_2, False, True)
-    elif family == "sd2":
-        te = _openclip_config(_sub(shapes, layout["text_encoder"][1]), preset.text_encoder, True, False)
-    else:
-        te = _clip_config(_sub(shapes, layout["text_encoder"][1]), preset.text_encoder)
-    unet = _unet_config(_sub(shapes, UNET_PREFIX), preset.unet, family, te2 and te2.projection_dim)
+    row, pred = _row(layout_stack, vae_s, shapes, meta, prediction_type)
+    preset = row.preset
+    te = {}
+    for comp, (fmt, prefix) in row.text_layout.items():
+        base = getattr(preset, comp)
+        te[comp] = (_clip_config(_sub(shapes, prefix), base) if fmt == "clip" else
+                    _openclip_config(_sub(shapes, prefix), base, row.drop_text_layers, base.projection_dim is not None))
+    te2 = te.get("text_encoder_2")
+    unet = _unet_config(_sub(shapes, UNET_PREFIX), preset.unet, row, te2 and te2.projection_dim)
     scheduler = preset.scheduler | {"prediction_type": pred}
     if "ztsnr" in shapes:
         scheduler["rescale_betas_zero_snr"] = True
-    config = dataclasses.replace(preset, family=family, text_encoder=te, text_encoder_2=te2, unet=unet,
+    config = dataclasses.replace(preset, text_encoder=te["text_encoder"], text_encoder_2=te2, unet=unet,
                                  vae=_vae_config(vae_s, preset.vae), scheduler=scheduler)
     _check_covered(config, shapes, vae_p)
     return config
+
+
+def _row(layout_stack: str, vae_s: Shapes, shapes: Shapes, meta: dict, override: str | None
+         ) -> tuple[Family, str]:
+    """(The family row, the prediction type): among the rows sharing the text layout found, the one with the
+    VAE's image channels (sd1 / ldm3d-4c / ldm3d), then the checkpoint's prediction type (sd2 / sd2-v), else
+    its stack's default."""
+    layout = text_layout(layout_stack)
+    channels = vae_s.get("encoder.conv_in.weight", (0, 3))[1]
+    rows = [f for f in FAMILIES if f.text_layout == layout and f.vae_channels == channels]
+    if not rows:
+        raise UnknownCheckpointError(f"unsupported VAE: {channels} image channels with a {layout_stack} text encoder "
+                                     f"(expected 3 for RGB, or 4 or 6 for LDM3D's RGB + depth)")
+    pred = _prediction_type(rows[0].stack, shapes, meta, override)
+    return next((f for f in rows if f.prediction == pred), stack_default(rows[0].stack, channels)), pred
 
 
 def _check_covered(config: ModelConfig, shapes: Shapes, vae_p: str) -> None:
@@ -312,7 +322,7 @@ def _check_covered(config: ModelConfig, shapes: Shapes, vae_p: str) -> None:
     otherwise the inferred config does not describe the network in the file."""
     maps = ldm_to_ours(config, shapes)
     used = {r.src for t in maps.values() for r in t.values()}
-    prefixes = (UNET_PREFIX, vae_p) + tuple(p for _, p in TEXT_LAYOUTS[config.family].values())
+    prefixes = (UNET_PREFIX, vae_p) + tuple(p for _, p in family_of(config).text_layout.values())
     extra = sorted(k for k in shapes if k.startswith(prefixes) and k not in used and not is_ignored(k, config))
     if extra:
         raise UnknownCheckpointError(

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from .keymaps import TEXT_LAYOUTS, Op, is_ignored, ldm_to_ours
+from ..families import family_of
+from .keymaps import Op, is_ignored, ldm_to_ours
 
 
 def _invert(parts: list[tuple[Op, torch.Tensor]]) -> torch.Tensor:
@@ -35,7 +36,7 @@ def _sd2_padding(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Ten
     """SD2 files hold OpenCLIP-H whole: 24 blocks (SD2 runs 23) and a text projection (SD2 uses none).
     We write the extra block as an exact identity (zero attention and MLP outputs: x + 0 + 0) and an
     identity projection, so readers that expect every key find them and any reader computes our model."""
-    c, p = config.text_encoder, TEXT_LAYOUTS["sd2"]["text_encoder"][1]
+    c, p = config.text_encoder, family_of(config).text_layout["text_encoder"][1]
     W, I, b = c.hidden_size, c.intermediate_size, f"{p}transformer.resblocks.{c.num_hidden_layers}"
     z = lambda *s: torch.zeros(s, dtype=dtype)  # noqa: E731
     return {f"{b}.ln_1.weight": torch.ones(W, dtype=dtype), f"{b}.ln_1.bias": z(W),
@@ -76,7 +77,7 @@ def save_single_file(state_dicts: dict[str, dict[str, torch.Tensor]], config: Mo
         for ours, r in table.items():
             groups.setdefault(r.src, []).append((r.op, sd[ours]))
         out.update({src: _invert(parts) for src, parts in groups.items()})
-    if config.family == "sd2":
+    if family_of(config).drop_text_layers:
         out.update(_sd2_padding(config, state_dicts["text_encoder"]["text_model.final_layer_norm.weight"].dtype))
     v = config.prediction_type == "v_prediction"
     if v:

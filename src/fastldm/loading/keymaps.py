@@ -27,17 +27,10 @@ import torch
 
 from ..config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from ..errors import UnknownCheckpointError
+from ..families import FAMILIES, family_of, text_layout
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("first_stage_model.", "vae.")
-# Where each family keeps its text encoders: component -> (format, prefix).
-TEXT_LAYOUTS = {
-    "sd1": {"text_encoder": ("clip", "cond_stage_model.transformer.")},
-    "ldm3d": {"text_encoder": ("clip", "cond_stage_model.transformer.")},
-    "sd2": {"text_encoder": ("openclip", "cond_stage_model.model.")},
-    "sdxl": {"text_encoder": ("clip", "conditioner.embedders.0.transformer."),
-             "text_encoder_2": ("openclip", "conditioner.embedders.1.model.")},
-}
 
 # Source tensors no model reads, by design:
 IGNORED_NAMES = frozenset({
@@ -247,14 +240,16 @@ def ldm_to_ours(config: ModelConfig, keys: Iterable[str] | None = None) -> dict[
     `keys` (the file's tensor names) picks between prefix variants (`first_stage_model.` / `vae.`, old CLIP
     names) and is checked: a needed tensor that is missing raises UnknownCheckpointError. Without `keys`,
     the canonical layout (what `save_single_file` writes)."""
-    if config.family not in TEXT_LAYOUTS:
-        raise ValueError(f"no single-file layout for family {config.family!r}; "
-                         f"known: {', '.join(TEXT_LAYOUTS)}")
+    try:
+        layout = text_layout(config.family)
+    except KeyError:
+        raise ValueError(f"no single-file layout for family {config.family!r}; known: "
+                         f"{', '.join(dict.fromkeys(f.stack for f in FAMILIES))}") from None
     keyset = None if keys is None else set(keys)
     vae_p = next((p for p in VAE_PREFIXES if keyset is not None and f"{p}decoder.conv_in.weight" in keyset),
                  VAE_PREFIXES[0])
     maps = {"unet": unet_table(config.unet), "vae": vae_table(config.vae, vae_p)}
-    for comp, (fmt, prefix) in TEXT_LAYOUTS[config.family].items():
+    for comp, (fmt, prefix) in layout.items():
         sub = getattr(config, comp)
         maps[comp] = (clip_table(sub, _clip_prefix(prefix, keyset)) if fmt == "clip"
                       else openclip_table(sub, prefix))
@@ -267,18 +262,9 @@ def ldm_to_ours(config: ModelConfig, keys: Iterable[str] | None = None) -> dict[
     return maps
 
 
-def _ignored_for(config: ModelConfig) -> tuple[str, ...]:
-    """Family-specific unused source prefixes: SD2 keeps 23 of OpenCLIP-H's 24 blocks ("penultimate" layer,
-    diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) and no projection."""
-    if config.family != "sd2":
-        return ()
-    p = TEXT_LAYOUTS["sd2"]["text_encoder"][1]
-    return (f"{p}transformer.resblocks.{config.text_encoder.num_hidden_layers}.", f"{p}text_projection")
-
-
 def is_ignored(key: str, config: ModelConfig) -> bool:
     """True for source tensors no model reads, by design (the documented lists above)."""
-    return (key in IGNORED_NAMES or key.startswith(IGNORED_PREFIXES + _ignored_for(config))
+    return (key in IGNORED_NAMES or key.startswith(IGNORED_PREFIXES + family_of(config).ignored_prefixes(config))
             or key.endswith(IGNORED_SUFFIXES))
 
 

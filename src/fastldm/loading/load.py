@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import FASTLDM_JSON, CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
+from ..families import FAMILIES, Family, stack_default
 from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from ..runtime.device import default_dtype
 from .detect import detect_single_file
@@ -112,21 +113,31 @@ def _folder_config(folder: Path, index: dict) -> ModelConfig:
     sched = _read_json(sched_file) if sched_file.exists() else dict(SD_SCHEDULER)
     vae = VAEConfig.from_diffusers(_read_json(folder / "vae" / "config.json"))
     unet = UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"))
-    if has_te2:
-        family = "sdxl"
-    elif "LDM3D" in index.get("_class_name", "") or vae.out_channels in (4, 6):
-        family = "ldm3d"
-    else:
-        family = "sd2" if te.get("hidden_size") == 1024 else "sd1"
+    row = _folder_family(index, te, has_te2, vae, sched.get("prediction_type", "epsilon"))
     projected = "WithProjection" in str(index.get("text_encoder", ""))
     clip = dataclasses.replace(CLIPConfig.from_diffusers(te, projection=projected),
-                               pad_token_id=0 if family == "sd2" else 49407)
+                               pad_token_id=row.preset.text_encoder.pad_token_id)
     return ModelConfig(
-        family=family, text_encoder=clip, unet=unet, vae=vae, default_guidance=_default_guidance(folder),
+        family=row.stack, text_encoder=clip, unet=unet, vae=vae, default_guidance=_default_guidance(folder),
         text_encoder_2=None if te2 is None else dataclasses.replace(
-            CLIPConfig.from_diffusers(te2, projection=True), pad_token_id=0),
-        clip_layer=-2 if has_te2 else -1, scheduler=sched,
+            CLIPConfig.from_diffusers(te2, projection=True), pad_token_id=row.preset.text_encoder_2.pad_token_id),
+        clip_layer=row.preset.clip_layer, scheduler=sched,
         default_size=unet.sample_size * 2 ** (len(vae.block_out_channels) - 1))
+
+
+def _folder_family(index: dict, te: dict, has_te2: bool, vae: VAEConfig, prediction: str) -> Family:
+    """A diffusers folder's row of families.py: two text encoders -> SDXL; an LDM3D pipeline or an RGB +
+    depth VAE -> LDM3D (4c or 6c); a 1024-wide text encoder -> SD2 (sd2 / sd2-v by the scheduler's prediction
+    type); else SD1."""
+    if has_te2:
+        stack = "sdxl"
+    elif "LDM3D" in index.get("_class_name", "") or vae.out_channels in (4, 6):
+        stack = "ldm3d"
+    else:
+        stack = "sd2" if te.get("hidden_size") == 1024 else "sd1"
+    rows = [f for f in FAMILIES if f.stack == stack]
+    return next((f for f in rows if f.vae_channels == vae.out_channels and f.prediction == prediction),
+                stack_default(stack, vae.out_channels))
 
 
 def _folder_weights(folder: Path, component: str, variant: str | None, allow_pickle: bool,

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FASTLDM_JSON, ModelConfig
+from ..families import family_of
 
-_PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "ldm3d": "StableDiffusionLDM3DPipeline"}
 
 
 def _scheduler_entry(config: ModelConfig) -> dict:
@@ -29,7 +29,7 @@ def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: 
         raise FileExistsError(f"{path}: already exists; choose a new folder or delete it first")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fastldm-save-", dir=path.parent))
-    index = {"_class_name": _PIPELINES.get(config.family, "StableDiffusionPipeline"),
+    index = {"_class_name": family_of(config).pipeline_class,
              "_diffusers_version": "0.30.0", "requires_safety_checker": False,
              "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
              "scheduler": ["diffusers", "DDIMScheduler"]}
