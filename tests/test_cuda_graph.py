@@ -88,15 +88,15 @@ def test_pipeline_routes_plain_steps_through_the_graph(tmp_path):
     calls = []
 
     def recording(*args, **kwargs):
-        calls.append(kwargs.get("cache"))
+        calls.append(args[0].shape)
         return pipe.unet(*args, **kwargs)
 
-    pipe.graphed_unet = recording  # stands in for a CUDAGraphUNet, which needs a GPU
+    pipe.unet_runtime.graphs = recording  # stands in for a CUDAGraphUNet, which needs a GPU
     eager = pipe.generate("a cube", steps=3, seed=0, width=32, height=32)
-    pipe.graphed_unet = None
+    pipe.unet_runtime.graphs = None
     assert len(calls) == 3 and np.array_equal(eager.raw, pipe.generate("a cube", steps=3, seed=0, width=32,
                                                                         height=32).raw)
-    pipe.graphed_unet = recording
+    pipe.unet_runtime.graphs = recording
     pipe.generate("a cube", steps=3, seed=0, width=32, height=32, cache_interval=2)
     assert len(calls) == 3
 
@@ -113,7 +113,7 @@ def test_pipeline_with_cuda_graphs_matches_eager(tmp_path):
     pipe.use_cuda_graphs()
     for size in (32, 32, 48):  # capture, replay, a new shape
         graphed = pipe.generate("a cube", steps=4, seed=0, width=size, height=size)
-    assert len(pipe.graphed_unet.graphs) == 2
+    assert len(pipe.unet_runtime.graphs.graphs) == 2
     again = pipe.generate("a cube", steps=4, seed=0, width=32, height=32)
     assert torch.allclose(torch.from_numpy(again.raw), torch.from_numpy(eager.raw), atol=1e-5)
 

@@ -109,9 +109,9 @@ def test_long_and_weighted_prompts(pipes):
 
 def test_bad_requests(pipes):
     _, ours = pipes
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(ValueError, match="width=50 is not valid: a multiple of 8"):
         ours.generate("x", width=50, height=64)
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="sampler='nope' is not valid: one of"):
         ours.generate("x", sampler="nope")
     with pytest.raises(ValueError, match="strength"):
         ours.generate("x", init_image=Image.new("RGB", (32, 32)), strength=1.5, width=32, height=32)
@@ -143,27 +143,27 @@ def test_cli_generate_writes_png_with_parameters(folder, tmp_path):
     assert params["Model"] == "tiny-sd"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--size", "30x32"], "multiples of 8"),
-    (["--size", "big"], "WIDTHxHEIGHT"),
-    (["--sampler", "warp drive"], "unknown sampler"),
-    (["--init-image", "/nonexistent.png"], "no such image"),
+@pytest.mark.parametrize("args,message,code", [
+    (["--size", "30x32"], "width=30 is not valid: a multiple of 8 from 8 to 8192 (e.g. 24) [--size]", 4),
+    (["--size", "big"], "WIDTHxHEIGHT", 2),
+    (["--sampler", "warp drive"], "sampler='warp drive' is not valid: one of Euler (euler)", 4),
+    (["--init-image", "/nonexistent.png"], "init_image='/nonexistent.png' is not valid: an existing image file", 4),
 ])
-def test_cli_errors_write_nothing(folder, tmp_path, args, message):
+def test_cli_errors_write_nothing(folder, tmp_path, args, message, code):
     out_dir = tmp_path / "out"
     res = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--steps", "1", "--out", str(out_dir),
                                     *args])
-    assert res.exit_code != 0 and message in res.output
+    assert res.exit_code == code and message in res.output, res.output
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
 def test_cli_missing_model_and_bad_init_image(tmp_path):
     res = CliRunner().invoke(main, ["generate", "x", "--model", str(tmp_path / "missing.safetensors")])
-    assert res.exit_code != 0 and "no such file" in res.output
+    assert res.exit_code == 3 and "no such file" in res.output
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     res = CliRunner().invoke(main, ["generate", "x", "--model", str(tmp_path), "--init-image", str(bad)])
-    assert res.exit_code != 0 and "not a readable image" in res.output
+    assert res.exit_code == 4 and "a readable PNG or JPEG" in res.output
 
 
 def test_cli_samplers_lists_names():

@@ -8,7 +8,8 @@ import torch
 
 from conftest import randomize_
 from fastldm import ops
-from fastldm.config import PRESETS, UNetConfig
+from fastldm.config import UNetConfig
+from fastldm.families import PRESETS
 from fastldm.models import UNet2DConditionModel
 from fastldm.runtime import device, optimize, quant
 
@@ -49,12 +50,13 @@ def test_cpu_info_reads_this_machine():
     assert info.bf16 == bool(info.flags & device.BF16_FLAGS)
 
 
-def test_configure_cpu_caps_threads_at_available_cpus(monkeypatch):
+def test_configure_process_caps_threads_at_available_cpus(monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor-test")  # restored by monkeypatch
     try:
         monkeypatch.setattr(device, "available_cpus", lambda: 1)
-        assert device.configure_cpu(allocator=False) == 1
-        assert device.configure_cpu(threads=2, allocator=False) == 2  # an explicit count is obeyed
+        assert device.configure_process(allocator=False) == 1
+        assert device.configure_process(threads=2, allocator=False) == 2  # an explicit count is obeyed
     finally:
         torch.set_num_threads(before)
 
@@ -66,7 +68,7 @@ def test_optimize_channels_last_and_errors():
     assert modules["vae"][0].weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="unknown quantization"):
         optimize.optimize(modules, torch.device("cpu"), quant="int4")
-    with pytest.raises(ValueError, match="CPU only"):
+    with pytest.raises(RuntimeError, match="CPU only"):
         optimize.optimize(modules, torch.device("cuda"), quant="int8")
 
 

@@ -1,17 +1,18 @@
 """fastldm: a fast, compact latent diffusion engine in native PyTorch.
 
-`fastldm.load(path)` -> Pipeline; `pipe.generate("a prompt")` -> GenerationResult. The top-level names are
+`fastldm.load(path)` -> Pipeline; `pipe.generate("a prompt")` -> GenerationResult. A request resolves into a
+Plan (`pipe.plan(request)`) that `fastldm.run.run(pipe, plans)` executes, alone or batched. The top-level names are
 imported on first use (PEP 562), so `import fastldm.config` or the CLI's `--help` stay fast.
 """
+import importlib
+
 __version__ = "0.1.0"
-__all__ = ["load", "Pipeline", "GenerationRequest", "GenerationResult", "__version__"]
+_WHERE = {"load": "api", "default_model": "api", "Pipeline": "pipeline", "GenerationRequest": "request", "GenerationResult": "run",
+          "Plan": "plan", "Limits": "plan", "BatchedRun": "run"}
+__all__ = [*_WHERE, "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "load":
-        from .api import load
-        return load
-    if name in ("Pipeline", "GenerationRequest", "GenerationResult"):
-        from . import pipeline
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'fastldm' has no attribute {name!r}")
+    if name not in _WHERE:
+        raise AttributeError(f"module 'fastldm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .errors import CheckpointError, RequestError, SettingError
 from .images import infotext, save_depth_png, save_png
 from .loading.load import load_components
 from .pipeline import Pipeline
+from .ops.registry import Kernels
 from .runtime.optimize import optimize
 from .samplers import resolve_sampler
 from .tokenizer import CLIPTokenizer
@@ -22,7 +24,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
+        raise SettingError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16")
     return _DTYPES[dtype]
 
 
@@ -39,23 +41,30 @@ def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
-         compile: bool | None = None, quant: str | None = None, threads: int | None = None,
-         cuda_graphs: bool = False) -> Pipeline:
+         compile: bool | None = None, quant: str | None = None, cuda_graphs: bool = False,
+         backends: dict[str, str] | None = None) -> Pipeline:
     """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
 
     dtype: "fp32" | "fp16" | "bf16" (default: fp16 on CUDA; on CPU bf16 where it has native bf16 dot
     products, else fp32); variant: e.g. "fp16" to pick `*.fp16.safetensors` in a folder; allow_pickle:
     permit .ckpt/.bin files (read with weights_only=True); prediction_type: override "epsilon" /
-    "v_prediction" when the checkpoint cannot tell. CPU runtime (fastldm.runtime.optimize): compile: the
-    UNet through torch.compile with a persistent cache (default off); quant: "int8" for int8 weights and
-    activations in the UNet; threads: intra-op threads (default: the CPUs available). cuda_graphs: capture
-    and replay the UNet call as a CUDA graph (Pipeline.use_cuda_graphs; CUDA only)."""
+    "v_prediction" when the checkpoint cannot tell. Runtime (fastldm.runtime): compile: the UNet through
+    torch.compile (default off); quant: "int8" for int8 weights and activations in the UNet (CPU);
+    cuda_graphs: capture and replay the UNet call as a CUDA graph (CUDA only); backends: {op: backend} forced
+    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}.
+
+    Loading changes nothing outside the pipeline it returns: torch's thread count, the allocator and the
+    compile cache's folder are the program's to set (`fastldm.runtime.device.configure_process`, which the
+    CLI and the server call)."""
     path = Path(path).expanduser()
+    kernels = Kernels(forced=dict(backends or {}))
     config, modules = load_components(path, device=device, dtype=parse_dtype(dtype), variant=variant,
                                       allow_pickle=allow_pickle, prediction_type=prediction_type)
-    optimize(modules, torch.device(device), compile=compile, quant=quant, threads=threads)
+    optimize(modules, torch.device(device), quant=quant)
     pipe = Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
-                    source=path)
+                    source=path, kernels=kernels)
+    if compile:
+        pipe.unet_runtime.compile()
     if cuda_graphs:
         pipe.use_cuda_graphs()
     return pipe
@@ -80,8 +89,8 @@ EMBEDDED_MODEL = Path(__file__).parent / "assets" / "shapes-rgbd"
 def default_model() -> Path:
     """The embedded tiny RGBD model shipped in the package."""
     if not (EMBEDDED_MODEL / "model_index.json").exists():
-        raise FileNotFoundError("no model given and the embedded model is not installed; pass --model PATH "
-                                "(a diffusers folder or a .safetensors file)")
+        raise CheckpointError("no model given and the embedded model is not installed; give a model path "
+                              "(a diffusers folder or a .safetensors file)")
     return EMBEDDED_MODEL
 
 
@@ -133,6 +142,6 @@ def open_image(path: str | Path) -> "Image.Image":
             im.load()
             return im.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        raise RequestError("init_image", str(path), "an existing image file") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}); give a PNG or JPEG") from None
+        raise RequestError("init_image", str(path), f"a readable PNG or JPEG ({type(e).__name__})") from None

@@ -1,17 +1,68 @@
-"""`fastldm` command line: a thin shell over the Python API (no logic of its own)."""
+"""`fastldm` command line: a thin shell over the Python API (no logic of its own).
+
+Errors a user can fix (fastldm.errors) are printed as one line, with the flag to change where there is one,
+and exit with the error's code (see `fastldm --help`); anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
 import click
 
+from .errors import FastLDMError, MemoryBudgetError, RequestError, StepPredictorMissing
 from .runtime.early_stop import DEFAULT_THRESHOLD
+
+EXIT_CODES = """Exit codes: 0 done; 1 error; 2 bad usage or setting; 3 model file; 4 bad request (size, steps,
+sampler, ...); 5 backend or device unavailable; 6 no step predictor; 7 out of memory; 8 file system; 130
+interrupted."""
+EXIT_FILE_SYSTEM = 8
+# The option that sets each GenerationRequest field, for the hint after a RequestError.
+_FLAG = {"prompt": "PROMPT", "negative_prompt": "--negative", "steps": "--steps", "sampler": "--sampler",
+         "scheduler": "--schedule", "guidance": "--guidance", "seed": "--seed", "width": "--size",
+         "height": "--size", "n": "-n", "init_image": "--init-image", "strength": "--strength",
+         "early_stop": "--early-stop", "cache_interval": "--cache-interval"}
+
+
+class UserError(click.ClickException):
+    """A one-line error with its own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _hint(e: Exception) -> str:
+    if isinstance(e, RequestError) and e.field in _FLAG:
+        return f" [{_FLAG[e.field]}]"
+    if isinstance(e, StepPredictorMissing):
+        return " [--steps N, or make one with `fastldm steps label` and `fastldm steps train`]"
+    if isinstance(e, MemoryBudgetError):
+        return " [--size, -n]"
+    return ""
+
+
+def user_errors(command):
+    """Report fastldm's user-fixable errors and file-system errors as one line each, with their exit codes."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FastLDMError as e:
+            raise UserError(_one_line(e) + _hint(e), e.exit_code) from None
+        except OSError as e:
+            raise UserError(_one_line(e), EXIT_FILE_SYSTEM) from None
+    return wrapper
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _fail(e: Exception) -> None:
-    raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    raise click.ClickException(_one_line(e))
 
 
 class _Steps(click.ParamType):
@@ -44,10 +95,18 @@ def _size(value: str | None) -> tuple[int | None, int | None]:
     return w, h
 
 
-@click.group()
+@click.group(epilog=EXIT_CODES)
 @click.version_option(package_name="fastldm")
 def main() -> None:
-    """fastldm: fast latent diffusion (Stable Diffusion 1.x/2.x/XL, LDM3D) on CPU and GPU."""
+    """fastldm: fast latent diffusion (Stable Diffusion 1.x/2.x/XL, LDM3D) on CPU and GPU.
+
+    Commands that run a model own their process: they set torch's CPU threads (--threads), keep freed memory
+    for reuse (glibc malloc settings) and keep compiled graphs under ~/.cache/fastldm/inductor, once, at start
+    (fastldm.runtime.device.configure_process). The Python API changes none of these."""
+
+
+THREADS_HELP = ("CPU threads for this process (default: torch's, capped at the CPUs available); set once at start "
+                "with the allocator and compile-cache settings (see `fastldm --help`)")
 
 
 @main.command()
@@ -79,38 +138,36 @@ def main() -> None:
               help="torch.compile the UNet (default: off); compiled graphs are cached in ~/.cache/fastldm/inductor")
 @click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
               "UNet (CPU)")
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), help="CPU threads (default: torch's, "
-              "capped at the CPUs available)")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
+@user_errors
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
              early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, cuda_graphs,
              allow_pickle) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
-    from .pipeline import GenerationRequest
-    from .samplers import resolve_sampler
+    from .request import GenerationRequest
+    from .run import run
+    from .runtime.device import configure_process
 
     width, height = _size(size)
-    try:
-        resolve_sampler(sampler, scheduler)
-        init = api.open_image(init_image) if init_image is not None else None
-        pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle,
-                        compile=compile_unet, quant=quant, threads=threads, cuda_graphs=cuda_graphs)
-        req = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
-                                scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
-                                n=n, init_image=init, strength=strength, early_stop=early_stop,
-                                cache_interval=cache_interval)
-        if compile_unet:  # compile (or load from the cache) on a one-step run, and say how long it took
-            from .runtime.compile import timed_first_call
+    configure_process(threads)
+    init = api.open_image(init_image) if init_image is not None else None
+    pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                    compile=compile_unet, quant=quant, cuda_graphs=cuda_graphs)
+    req = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
+                            scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
+                            n=n, init_image=init, strength=strength, early_stop=early_stop,
+                            cache_interval=cache_interval)
+    plan = pipe.plan(req)   # every field checked before any work
+    if compile_unet:  # compile (or load from the cache) on a one-step run, and say how long it took
+        from .runtime.compile import timed_first_call
 
-            click.echo(str(timed_first_call(pipe.generate, dataclasses.replace(req, steps=1))), err=True)
-        with click.progressbar(length=steps if steps != "auto" else 1, label="denoising", file=sys.stderr) as bar:
-            result = pipe.generate(req, callback=_progress(bar))
-        paths = api.save_result(pipe, result, out)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        _fail(e)
-    for p in paths:
+        click.echo(str(timed_first_call(pipe.generate, dataclasses.replace(plan.request, steps=1))), err=True)
+    with click.progressbar(length=plan.denoising_steps, label="denoising", file=sys.stderr) as bar:
+        result = run(pipe, [plan], [_progress(bar)])[0]
+    for p in api.save_result(pipe, result, out):
         click.echo(p)
 
 
@@ -212,27 +269,26 @@ def samplers() -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--allow-pickle", is_flag=True)
+@user_errors
 def info(path, allow_pickle) -> None:
     """Print a checkpoint's family, components, parameter counts, dtype and prediction type."""
     from .inspect import describe
 
-    try:
-        click.echo(describe(path, allow_pickle=allow_pickle))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(e)
+    click.echo(describe(path, allow_pickle=allow_pickle))
 
 
 @main.command("eval-shapes")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--caption", required=True, help='a ShapesWorld caption, e.g. "a large red sphere on the left"')
 @click.option("--depth", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="16-bit depth PNG")
+@user_errors
 def eval_shapes(image, caption, depth) -> None:
     """Check a generated ShapesWorld image (and depth) against its caption, attribute by attribute."""
     from .tools.shapes.evaluate import eval_shapes_cli
 
     try:
         click.echo(eval_shapes_cli(str(image), caption, None if depth is None else str(depth)))
-    except (ValueError, OSError) as e:
+    except ValueError as e:  # a caption outside the ShapesWorld grammar
         _fail(e)
 
 
@@ -251,9 +307,10 @@ def bench() -> None:
 @click.option("--repeats", default=None, type=click.IntRange(1, 1000), help="timed calls per row (default 20 on "
               "CUDA, 5 on CPU)")
 @click.option("--no-compile", is_flag=True, help="skip the diffusers + torch.compile row (compiling takes minutes)")
-@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="CPU threads (default: torch's)")
+@click.option("--threads", default=None, type=click.IntRange(1, 1024), help=THREADS_HELP)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the result as JSON")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), help="write the table")
+@user_errors
 def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, json_path, md_path) -> None:
     """Per-UNet-call latency and memory as kernels are added (Chen et al. 2023, Table 1), with diffusers
     eager and compiled on the same weights."""
@@ -261,18 +318,16 @@ def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, jso
 
     from .api import parse_dtype
     from .bench.ablation import ablation, markdown
+    from .runtime.device import configure_process
 
-    try:
-        result = ablation(model, device, size, parse_dtype(dtype), repeats, with_compile=not no_compile,
-                          threads=threads)
-        result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
-        table = markdown(result)
-        if json_path:
-            json_path.write_text(json.dumps(result, indent=1))
-        if md_path:
-            md_path.write_text(table + "\n")
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        _fail(e)
+    configure_process(threads)
+    result = ablation(model, device, size, parse_dtype(dtype), repeats, with_compile=not no_compile)
+    result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
+    table = markdown(result)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+    if md_path:
+        md_path.write_text(table + "\n")
     click.echo(table)
 
 

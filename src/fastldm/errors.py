@@ -28,6 +28,11 @@ class UnknownCheckpointError(CheckpointError):
     """A checkpoint whose keys or shapes match no model family fastldm knows; the message says what was found."""
 
 
+class SettingError(FastLDMError, ValueError):
+    """A load or runtime setting that is not valid (dtype, quantization, prediction type, device)."""
+    exit_code = 2
+
+
 class RequestError(FastLDMError, ValueError):
     """A generation request with a bad field. `field` names it (as in GenerationRequest), `value` is what was
     given and `allowed` says what would be accepted."""

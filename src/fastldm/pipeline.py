@@ -1,68 +1,44 @@
-"""The one place that wires the flow: prompt -> text encoders -> sampler(denoiser) -> VAE -> RGB (+ depth).
+"""The model bundle: text encoders, UNet, VAE, tokenizers and schedule, with the steps a run needs from them
+(conditioning, image encode/decode) and the public `generate`.
+
+A generation is request -> plan -> run: `plan` checks a GenerationRequest against this model (plan.py),
+`generate` runs plans through the one batched loop (run.py). Every call into the models runs under this
+pipeline's kernel selection (`kernels`, an ops.registry.Kernels), and the UNet through the executor its plan
+names (`unet_runtime`), so pipelines with different settings can run side by side.
 
 Noise is drawn on the CPU, one generator per image seeded `seed + i`, exactly as diffusers does with a list
 of CPU generators, so the same seed, sampler and model give diffusers' image.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-import random
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .runtime.deep_cache import DeepCache
-from .runtime.early_stop import EarlyStop
-from .runtime.step_predictor import load_step_predictor, prompt_features
 from .config import ModelConfig
-from .denoiser import Denoiser
-from .runtime.cuda_graph import CUDAGraphUNet
-from .samplers import SamplerSpec, randn, resolve_sampler, sample
+from .errors import StepPredictorMissing
+from .families import family_of, variants_of
+from .ops.registry import Kernels, using
+from .plan import Limits, Plan, resolve
+from .request import GenerationRequest
+from .run import GenerationResult, run
+from .runtime.executors import UNetRuntime
+from .runtime.step_predictor import load_step_predictor, prompt_features
+from .samplers import SamplerSpec, randn
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
 
-
-@dataclass
-class GenerationRequest:
-    """What to generate. Shared by the Python API, the CLI and the HTTP server."""
-    prompt: str
-    negative_prompt: str = ""
-    steps: int | Literal["auto"] = 20     # "auto": the model's step predictor for this prompt and sampler
-    sampler: str = "DPM++ 2M"
-    scheduler: str | None = None          # sigma schedule: "karras", "exponential", "normal", ... (None: sampler's)
-    guidance: float | None = None        # None: the model's default (config.default_guidance; 7.5 for SD)
-    seed: int | None = None               # None: random; image i of a batch uses seed + i
-    width: int | None = None              # None: the model's default size
-    height: int | None = None
-    n: int = 1
-    init_image: Image.Image | None = None # img2img source, with `strength` in (0, 1]
-    strength: float = 0.75
-    early_stop: float | None = None       # stop when the x0 estimate changes by less than this (adaptive.EarlyStop)
-    cache_interval: int = 1               # DeepCache: the full UNet every N calls, the shallow path between
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    depths: list[np.ndarray] | None       # uint16 (H, W) per image for RGBD models, else None
-    seeds: list[int]
-    steps: int                            # denoising steps actually run (early stop may cut them)
-    request: GenerationRequest
-    latents: torch.Tensor | None = None   # final UNet latents (B, C, h, w)
-    raw: np.ndarray | None = field(default=None, repr=False)  # decoded images (B, H, W, C) float in [0, 1]
+__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "Plan", "Limits"]
 
 
 class Pipeline:
     """A loaded text-to-image model. `text_encoder`, `unet`, `vae` (and `text_encoder_2`) are plain modules."""
 
     def __init__(self, config: ModelConfig, modules: dict, tokenizers: dict[str, CLIPTokenizer], name: str = "",
-                 source: Path | None = None):
+                 source: Path | None = None, kernels: Kernels | None = None):
         self.config, self.name, self.source = config, name, source
         self.text_encoder = modules["text_encoder"]
         self.text_encoder_2 = modules.get("text_encoder_2")
@@ -70,13 +46,19 @@ class Pipeline:
         self.tokenizer = tokenizers["tokenizer"]
         self.tokenizer_2 = tokenizers.get("tokenizer_2")
         self.schedule = NoiseSchedule.from_config(config.scheduler)
-        self.graphed_unet = None  # a CUDAGraphUNet when use_cuda_graphs() is on
+        self.family, self.variants = family_of(config), variants_of(config)
+        self.kernels = kernels or Kernels()      # this pipeline's backend selection and kernel caches
+        self.unet_runtime = UNetRuntime(self.unet)
+
+    def kernels_active(self):
+        """A context in which ops dispatch with this pipeline's kernel selection (ops.registry.using)."""
+        return using(self.kernels)
 
     def use_cuda_graphs(self, on: bool = True) -> None:
         """Capture the UNet call (the whole guided batch) as a CUDA graph per input shape and replay it
         afterwards (runtime/cuda_graph.py); the UNet must be on CUDA. Requests with cache_interval > 1
         (DeepCache changes the call from step to step) run eagerly. `on=False` frees the graphs."""
-        self.graphed_unet = CUDAGraphUNet(self.unet) if on else None
+        self.unet_runtime.use_cuda_graphs(on)
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +92,10 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str], n_chunks: int | None = None) -> dict[str, torch.Tensor]:
         """Prompts -> the UNet's conditioning: {"encoder_hidden_states": (B, 77k, Cctx)} and for SDXL also
         "text_embeds" (B, 1280) (pooled, projected text of the second encoder)."""
-        n_chunks = n_chunks or self._chunks(prompts)
+        with self.kernels_active():
+            return self._encode_prompt(prompts, n_chunks or self._chunks(prompts))
+
+    def _encode_prompt(self, prompts: list[str], n_chunks: int) -> dict[str, torch.Tensor]:
         c = self.config
         if self.text_encoder_2 is None:
             hs = [self._encode_one(self.text_encoder, self.tokenizer, p, n_chunks, c.clip_layer)[0] for p in prompts]
@@ -126,12 +111,6 @@ class Pipeline:
 
     # ---- images -------------------------------------------------------------------------------------------
 
-    def _check_size(self, width: int, height: int) -> None:
-        f = math.lcm(8, self.config.vae_scale)
-        if width % f or height % f or width < f or height < f:
-            raise ValueError(f"size {width}x{height} is not valid: width and height must be multiples of {f} "
-                             f"(e.g. {max(f, width // f * f)}x{max(f, height // f * f)})")
-
     @torch.no_grad()
     def encode_image(self, image: Image.Image, width: int, height: int,
                      generators: list[torch.Generator]) -> torch.Tensor:
@@ -141,26 +120,28 @@ class Pipeline:
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1,3,H,W)
         if cin > 3:  # RGBD VAEs: no depth given -> a flat mid-depth channel(s)
             x = torch.cat([x, torch.zeros(1, cin - 3, height, width)], dim=1)
-        mean, logvar = self.vae.encode(x.to(self.device))
+        return self.encode_pixels(x, generators)
+
+    @torch.no_grad()
+    def encode_pixels(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Pixels (1, Cimg, H, W) in [-1, 1] -> UNet latents (B, C, h, w), one posterior sample per generator."""
+        with self.kernels_active():
+            mean, logvar = self.vae.encode(x.to(self.device))
         lat = [mean + (0.5 * logvar).exp() * randn(mean.shape, g, mean.device, mean.dtype) for g in generators]
         return self.vae.to_unet_latents(torch.cat(lat))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """UNet latents (B, C, h, w) -> images (B, H, W, Cimg) float32 in [0, 1]."""
-        x = self.vae.decode(self.vae.from_unet_latents(latents))
+        with self.kernels_active():
+            x = self.vae.decode(self.vae.from_unet_latents(latents))
         return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
-    def _to_outputs(self, raw: np.ndarray) -> tuple[list[Image.Image], list[np.ndarray] | None]:
+    def to_outputs(self, raw: np.ndarray) -> tuple[list[Image.Image], list[np.ndarray] | None]:
+        """Decoded images (B, H, W, C) -> (RGB PIL images, uint16 depth maps or None), by the family's VAE."""
         images = [Image.fromarray((r[..., :3] * 255).round().astype(np.uint8)) for r in raw]
-        if raw.shape[-1] == 4:  # LDM3D-4c: one depth channel
-            depths = [(r[..., 3] * 65535.0).astype(np.uint16) for r in raw]
-        elif raw.shape[-1] == 6:  # original LDM3D: 16-bit depth packed as G * 256 + B of an RGB-like image
-            q = (raw[..., 3:] * 255).round().astype(np.uint16)
-            depths = [qi[..., 1] * 256 + qi[..., 2] for qi in q]
-        else:
-            depths = None
-        return images, depths
+        depth = self.family.depth(raw)
+        return images, None if depth is None else list(depth)
 
     # ---- generation ---------------------------------------------------------------------------------------
 
@@ -174,18 +155,37 @@ class Pipeline:
         cond = self.encode_prompt(prompts, n_chunks)
         uncond = None
         if guidance != 1.0:
-            if self.text_encoder_2 is not None and negative_prompt == "":
-                uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # SDXL force_zeros_for_empty_prompt
+            if self.family.zero_empty_negative and negative_prompt == "":
+                uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
             else:
                 uncond = self.encode_prompt([negative_prompt] * n, n_chunks)
-        if self.text_encoder_2 is not None:
+        shared = {}
+        if self.family.time_ids:   # original size, crop offset, target size (SDXL §2.2)
             ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
-            cond["time_ids"] = ids.expand(n, 6)
-            if uncond is not None:
-                uncond["time_ids"] = cond["time_ids"]
+            shared["time_ids"] = ids.expand(n, 6)
+        cond |= shared
+        if uncond is not None:
+            uncond |= shared
         return cond, uncond
 
     @torch.no_grad()
+    def image_condition(self, width: int, height: int, generators: list[torch.Generator]
+                        ) -> dict[str, torch.Tensor]:
+        """What an inpainting UNet takes besides the latents, when the whole image is to be made (txt2img,
+        img2img): the mask (all 1: repaint) and the latents of the masked image (all masked: 0 in [-1, 1]),
+        sampled with each image's generator after its noise, concatenated to the UNet's input
+        (diffusers' StableDiffusionInpaintPipeline with a white mask; A1111's txt2img conditioning).
+        -> {"c_concat": (n, 1 + C, h, w)}, or {} for other UNets."""
+        if not any(v.image_channels for v in self.variants):
+            return {}
+        blank = torch.zeros(1, self.config.vae.in_channels, height, width)
+        latents = self.encode_pixels(blank, generators)                          # (n, C, h, w)
+        return {"c_concat": torch.cat([torch.ones_like(latents[:, :1]), latents], dim=1)}  # (n, 1 + C, h, w)
+
+    def plan(self, request: GenerationRequest, limits: Limits = Limits()) -> Plan:
+        """Check `request` against this model and resolve it (plan.py); raises RequestError on a bad field."""
+        return resolve(self, request, limits)
+
     def generate(self, request: GenerationRequest | str | None = None, *,
                  callback: Callable[[dict], bool | None] | None = None, **kw) -> GenerationResult:
         """Run one request. `callback(info)` is called after every step with {"i", "total", "sigma", "x",
@@ -197,58 +197,23 @@ class Pipeline:
             request = GenerationRequest(**kw)
         elif kw:
             raise TypeError("give either a GenerationRequest or keyword arguments, not both")
-        if request.guidance is None:
-            request = dataclasses.replace(request, guidance=self.config.default_guidance)
-        r = request
-        size = self.config.default_size
-        width, height = r.width or size, r.height or size
-        self._check_size(width, height)
-        if r.steps != "auto" and not (isinstance(r.steps, int) and r.steps >= 1):
-            raise ValueError(f"steps must be a positive integer or 'auto', got {r.steps!r}")
-        if r.n < 1 or r.cache_interval < 1:
-            raise ValueError(f"n and cache_interval must be at least 1 (got n={r.n}, "
-                             f"cache_interval={r.cache_interval})")
-        if r.init_image is not None and not 0.0 < r.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {r.strength}")
-        spec = resolve_sampler(r.sampler, r.scheduler)
-        early_stop = EarlyStop(r.early_stop) if r.early_stop is not None else None
-        steps = self.auto_steps(r.prompt, spec) if r.steps == "auto" else r.steps
-        seed = r.seed if r.seed is not None else random.randrange(2**32 - 1)
-        seeds = [seed + i for i in range(r.n)]
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return run(self, [self.plan(request)], [callback])[0]
 
-        cond, uncond = self.conditioning([r.prompt] * r.n, r.negative_prompt, r.guidance, width, height)
-        f, ch = self.config.vae_scale, self.config.unet.out_channels
-        shape = (1, ch, height // f, width // f)
-        init = None
-        if r.init_image is not None:
-            init = self.encode_image(r.init_image, width, height, gens)
-        noise = torch.cat([randn(shape, g, self.device, torch.float32) for g in gens])
-        cache = DeepCache(r.cache_interval) if r.cache_interval > 1 else None
-        unet = functools.partial(self.unet, cache=cache) if cache is not None else self.graphed_unet or self.unet
-        denoiser = Denoiser(unet, self.schedule, cond, uncond, r.guidance,
-                            guidance_embedding_dim=self.config.unet.time_cond_proj_dim)
-        steps_run = [0]
-
-        def on_step(info: dict) -> bool:
-            steps_run[0] = info["i"] + 1
-            # Under DeepCache, a cached call's x0 estimate reuses the last full call's deep features, so it barely
-            # moves: judge convergence only between full calls (a longer span, so a more cautious stop).
-            fresh = cache is None or cache.last_full
-            converged = early_stop(info) if early_stop is not None and fresh else False
-            return bool(callback(info) if callback is not None else False) or converged
-
-        latents = sample(denoiser, noise, spec, self.schedule, steps, generator=gens, callback=on_step,
-                         init_latents=init, strength=r.strength if init is not None else 1.0)
-        raw = self.decode(latents.to(self.dtype))
-        images, depths = self._to_outputs(raw)
-        return GenerationResult(images, depths, seeds, steps_run[0], r, latents, raw)
+    def generate_many(self, requests: list[GenerationRequest], limits: Limits = Limits()) -> list[GenerationResult]:
+        """Run several requests as one batched run (run.py): requests whose UNet inputs share shapes share
+        each UNet call; each leaves when its own steps are done. Results in order."""
+        return run(self, [self.plan(r, limits) for r in requests])
 
     def auto_steps(self, prompt: str, spec: SamplerSpec) -> int:
         """The step count the model's step predictor (runtime/step_predictor.py, saved next to the model) gives
         `prompt` with sampler `spec`, within the sampler's sensible range."""
-        predictor = load_step_predictor(self.source, spec)
-        return predictor.predict_steps(prompt_features(self, [prompt]))[0]
+        try:
+            predictor = load_step_predictor(self.source, spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise StepPredictorMissing(str(e).replace("give a number of steps, or build", "give a number of steps or "
+                                                      "build")) from None
+        with self.kernels_active():
+            return predictor.predict_steps(prompt_features(self, [prompt]))[0]
 
     def __repr__(self) -> str:
         return f"Pipeline({self.config.family}, {self.name or 'unnamed'}, {self.dtype}, {self.device})"

@@ -1,4 +1,4 @@
-"""DeepCache (fastldm.runtime.deep_cache.DeepCache + UNet2DConditionModel.forward(cache=)): interval 1 is the plain UNet bit
+"""DeepCache (fastldm.runtime.deep_cache.DeepCache, a UNet executor): interval 1 is the plain UNet bit
 for bit, interval N runs the deep path once every N calls, and a cached call on the same input as the full call
 reproduces the full output (the shallow path is the UNet's own last layers on the stored features)."""
 from __future__ import annotations
@@ -33,22 +33,24 @@ def _count_calls(module):
 
 @torch.no_grad()
 def test_interval_one_is_bit_identical():
-    unet, cache = _unet(), DeepCache(interval=1)
+    unet = _unet()
+    cache = DeepCache(unet, interval=1)
     for seed in range(2):
         x, t, ctx = _inputs(seed=seed)
-        assert torch.equal(unet(x, t, ctx, cache=cache), unet(x, t, ctx))
+        assert torch.equal(cache(x, t, ctx), unet(x, t, ctx))
     assert cache.full_calls == 2 and cache.cached_calls == 0
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("interval", [3])
 def test_deep_path_runs_every_interval_calls(interval):
-    unet, cache = _unet(), DeepCache(interval=interval)
+    unet = _unet()
+    cache = DeepCache(unet, interval=interval)
     deep, h1 = _count_calls(unet.mid_block)
     second, h2 = _count_calls(unet.down_blocks[1])
     try:
         for seed in range(7):
-            unet(*_inputs(seed=seed), cache=cache)
+            cache(*_inputs(seed=seed))
     finally:
         h1.remove(), h2.remove()
     full = len(range(0, 7, interval))       # calls 0, N, 2N, ...
@@ -61,26 +63,28 @@ def test_deep_path_runs_every_interval_calls(interval):
 def test_cached_call_on_same_input_reproduces_full_output(case, branch):
     # The shallow path recomputes conv_in, the first `branch` down layers and the last up layers from the stored
     # features: on the input that produced them, it is the full UNet. 1e-6 absolute: the same float ops.
-    unet, cache = _unet(case), DeepCache(interval=2, branch=branch)
+    unet = _unet(case)
+    cache = DeepCache(unet, interval=2, branch=branch)
     x, t, ctx = _inputs(case)
     extra = {}
     if case == "sdxl":
         extra = dict(text_embeds=torch.randn(2, 16), time_ids=torch.tensor([[64.0, 48, 0, 0, 64, 48]]).repeat(2, 1))
-    full = unet(x, t, ctx, cache=cache, **extra)
-    cached = unet(x, t, ctx, cache=cache, **extra)
+    full = cache(x, t, ctx, **extra)
+    cached = cache(x, t, ctx, **extra)
     assert cache.cached_calls == 1
     assert (cached - full).abs().max() <= 1e-6
-    other = unet(x, t + 100, ctx, cache=cache, **extra)    # a full call again (interval 2), new timestep
+    other = cache(x, t + 100, ctx, **extra)    # a full call again (interval 2), new timestep
     assert cache.full_calls == 2 and not torch.allclose(other, full)
 
 
 @torch.no_grad()
 def test_new_batch_size_forces_full_call_and_bad_branch_fails():
-    unet, cache = _unet(), DeepCache(interval=5)
-    unet(*_inputs(batch=2), cache=cache)
-    unet(*_inputs(batch=1), cache=cache)            # the stored features are for 2 images: recompute
+    unet = _unet()
+    cache = DeepCache(unet, interval=5)
+    cache(*_inputs(batch=2))
+    cache(*_inputs(batch=1))            # the stored features are for 2 images: recompute
     assert cache.full_calls == 2
     with pytest.raises(ValueError, match="too deep"):
-        unet(*_inputs(), cache=DeepCache(interval=2, branch=3))   # the last up block has 3 layers: branch 0..2
+        DeepCache(unet, interval=2, branch=3)   # the last up block has 3 layers: branch 0..2
     with pytest.raises(ValueError, match="at least 1"):
-        DeepCache(interval=0)
+        DeepCache(unet, interval=0)

@@ -165,12 +165,20 @@ class UNet2DConditionModel(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                timestep_cond: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """sample (B, Cin, h, w), timestep (B,) or scalar, encoder_hidden_states (B, M, Cctx);
         SDXL also text_embeds (B, 1280) and time_ids (B, 6); LCM timestep_cond (B, Dcond).
-        cache: a fastldm.runtime.deep_cache.DeepCache, whose calls either run the whole UNet and store the deep features,
-        or run only the shallow path on the stored ones (DeepCache, Ma et al. 2023).
         Returns the model output (B, Cout, h, w): ε or v depending on the checkpoint."""
+        x, emb, ctx = self.embed(sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond)
+        h, skips = self.trunk(x, emb, ctx)
+        return self.head(h, skips, emb, ctx)
+
+    # The forward pass in three parts, so a runtime executor can reuse deep features across calls (DeepCache,
+    # runtime/deep_cache.py): `tail` counts the last up block's final layers that `head` runs instead of `trunk`.
+
+    def embed(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> conv_in(sample) (B, C0, h, w), the time (+ SDXL added-condition) embedding (B, 4·C0), the context."""
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         dtype = self.conv_in.weight.dtype
@@ -182,11 +190,11 @@ class UNet2DConditionModel(nn.Module):
             tid = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos,
                                      c.freq_shift).reshape(sample.shape[0], -1)  # (B, 6 * 256)
             emb = emb + self.add_embedding(torch.cat([text_embeds, tid], dim=-1).to(dtype))
-        ctx = encoder_hidden_states.to(dtype)
+        return self.conv_in(sample.to(dtype)), emb, encoder_hidden_states.to(dtype)
 
-        x = self.conv_in(sample.to(dtype))
-        if cache is not None and not cache.full_call(x.shape[0]):
-            return self._shallow(x, emb, ctx, cache)
+    def trunk(self, x, emb, ctx, tail: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in's output -> (the hidden state entering the last up block's final `tail` layers, the skips
+        those layers take: conv_in's output and the first tail - 1 layers of the first down block)."""
         skips = [x]
         for block in self.down_blocks:
             x, s = block(x, emb, ctx)
@@ -198,25 +206,25 @@ class UNet2DConditionModel(nn.Module):
             mine, skips = skips[-k:], skips[:-k]
             # Upsample to the next skip's size, so sizes that are not multiples of 2^levels work.
             size = skips[-1].shape[-2:] if skips else None
-            if cache is not None and block is self.up_blocks[-1]:  # store what enters the cached layers
-                j = self._cache_start(cache)
-                cache.features = x = block(x, mine, emb, ctx, size, range(j))
-                x = block(x, mine, emb, ctx, size, range(j, k))
-            else:
-                x = block(x, mine, emb, ctx, size)
-        return self.conv_out(self.conv_norm_out(x))
+            layers = range(k - self.check_tail(tail)) if block is self.up_blocks[-1] else None
+            x = block(x, mine, emb, ctx, size, layers)
+            skips += mine  # what the block did not pop: the tail's skips
+        return x, skips
 
-    def _cache_start(self, cache) -> int:
-        """The last up block's layer that takes skip `cache.branch` (its layers take skips k-1 .. 0)."""
-        k = len(self.up_blocks[-1].resnets)
-        if cache.branch > k - 1:
-            raise ValueError(f"cache branch {cache.branch} is too deep for this UNet; use 0..{k - 1}")
-        return k - 1 - cache.branch
-
-    def _shallow(self, x: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, cache) -> torch.Tensor:
-        """DeepCache's partial call from conv_in's output x: the first `branch` layers of the first down block,
-        then the last up block's layers that take their skips, started from the cached features."""
-        skips = [x] + self.down_blocks[0](x, emb, ctx, n_layers=cache.branch)[1]  # branch + 1 skips
+    def head(self, h, skips: list[torch.Tensor], emb, ctx, tail: int = 0) -> torch.Tensor:
+        """The last up block's final `tail` layers on h with their skips, then the output norm and conv."""
         last = self.up_blocks[-1]
-        x = last(cache.features, skips, emb, ctx, None, range(self._cache_start(cache), len(last.resnets)))
-        return self.conv_out(self.conv_norm_out(x))
+        if tail:
+            h = last(h, skips, emb, ctx, None, range(len(last.resnets) - tail, len(last.resnets)))
+        return self.conv_out(self.conv_norm_out(h))
+
+    def tail_skips(self, x, emb, ctx, tail: int) -> list[torch.Tensor]:
+        """The skips `head` needs for `tail` layers, from conv_in's output: it and the first tail - 1 layers
+        of the first down block (the shallow part of the network)."""
+        return [x] + self.down_blocks[0](x, emb, ctx, n_layers=self.check_tail(tail) - 1)[1]
+
+    def check_tail(self, tail: int) -> int:
+        k = len(self.up_blocks[-1].resnets)
+        if not 0 <= tail <= k:
+            raise ValueError(f"the last up block has {k} layers; a tail of {tail} is too deep (use 0..{k})")
+        return tail

@@ -5,10 +5,11 @@ LayerNorm, residual and time-embedding adds) into generated C++/OpenMP loops and
 and matmuls to oneDNN (Ansel et al. 2024, "PyTorch 2", §4-5).
 
 Cache: inductor's FX-graph and AOTAutograd caches store each compiled graph, keyed by the graph, the
-input shapes and the torch version, under `cache_dir()` (TORCHINDUCTOR_CACHE_DIR, default here
-~/.cache/fastldm/inductor rather than inductor's /tmp default, which does not survive a reboot), so
-only a process that meets a new model architecture or resolution pays the full compile; later ones
-re-trace with Dynamo and load the graph. Freezing (`freezing=True`: weights folded in as constants and
+input shapes and the torch version, under TORCHINDUCTOR_CACHE_DIR, so only a process that meets a new
+model architecture or resolution pays the full compile; later ones re-trace with Dynamo and load the
+graph. Inductor reads the folder from that environment variable only, so the library never sets it: the
+CLI and the server point it at ~/.cache/fastldm/inductor (rather than inductor's /tmp default, which does
+not survive a reboot) with `use_persistent_cache`, as part of `device.configure_process`. Freezing (`freezing=True`: weights folded in as constants and
 prepacked into oneDNN's blocked layout) is off by default: its prepacked weights are opaque mkldnn
 tensors that the cache cannot pickle, so a frozen graph is compiled from scratch in every process
 ("Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'", torch 2.13), and on the project's
@@ -26,21 +27,24 @@ from torch import nn
 
 
 def cache_dir() -> Path:
-    """Where compiled graphs persist: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fastldm/inductor (set here
-    so inductor uses it)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "fastldm" / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """Where compiled graphs persist: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fastldm/inductor (or under
+    $XDG_CACHE_HOME), the folder `use_persistent_cache` points inductor at."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm" / "inductor"
+
+
+def use_persistent_cache() -> Path:
+    """For programs that own their process: keep inductor's compiled graphs in `cache_dir()`."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+    return cache_dir()
 
 
 def compile_module(module: nn.Module, *, freezing: bool = False) -> nn.Module:
-    """Compile `module`'s forward in place with inductor (the module stays the same object, its
-    parameters and attributes too). Compilation happens at the first call of each new input signature.
-    Backends forced with `fastldm.ops.use` are read when a graph is traced and stay fixed in it."""
-    cache_dir()
-    module.compile(options={"freezing": freezing})
-    return module
+    """`module` compiled with inductor, as a wrapper that shares its parameters (the module itself stays
+    eager). Compilation happens at the first call of each new input signature. Backends forced with
+    `fastldm.ops.use` are read when a graph is traced and stay fixed in it."""
+    return torch.compile(module, options={"freezing": freezing})
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import BackendUnavailable
 from ..ops import registry
 
 
@@ -45,7 +46,7 @@ class CUDAGraphUNet:
     def __init__(self, unet: nn.Module, warmup: int = 2):
         device = next(unet.parameters()).device
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise RuntimeError(f"CUDA graphs need the UNet on a CUDA device, it is on {device.type}; "
+            raise BackendUnavailable(f"CUDA graphs need the UNet on a CUDA device, it is on {device.type}; "
                                f"move it with .to('cuda') or run the UNet without CUDA graphs")
         self.unet, self.device, self.warmup = unet, device, warmup
         self.graphs: dict[tuple, _Graph] = {}

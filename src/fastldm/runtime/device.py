@@ -1,4 +1,5 @@
-"""What this CPU can do, and the process settings fastldm's CPU defaults are built on.
+"""What this CPU can do, and the process settings fastldm's CPU defaults are built on (set by the CLI and the
+server, once, with `configure_process`; never by library calls).
 
 - **dtype**: bf16 where the CPU has bf16 dot-product instructions (x86 `avx512_bf16` or `amx_bf16`, Arm
   `bf16`), fp32 otherwise: oneDNN emulates bf16 on CPUs without them, which is slower than fp32.
@@ -107,8 +108,10 @@ def tune_allocator() -> bool:
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD))
 
 
-def configure_cpu(threads: int | None = None, allocator: bool = True) -> int:
-    """Set torch's intra-op threads and tune the allocator; returns the thread count in force.
+def configure_process(threads: int | None = None, allocator: bool = True) -> int:
+    """For a program that owns its process (the CLI, the server): set torch's intra-op threads, tune the
+    allocator and keep compiled graphs in a persistent cache (compile.use_persistent_cache); returns the
+    thread count in force.
 
     threads=None keeps torch's count (one per physical core, or OMP_NUM_THREADS, or what the caller set
     with torch.set_num_threads) but caps it at `available_cpus()`: torch does not see cgroup CPU quotas,
@@ -120,4 +123,7 @@ def configure_cpu(threads: int | None = None, allocator: bool = True) -> int:
         torch.set_num_threads(threads)
     if allocator:
         tune_allocator()
+    from .compile import use_persistent_cache
+
+    use_persistent_cache()
     return torch.get_num_threads()

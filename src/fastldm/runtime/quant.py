@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BackendUnavailable
+
 SKIP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
 
 
@@ -61,10 +63,8 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 @functools.cache
 def fused_quantizer() -> Callable:
-    """`quantize_activation` compiled by TorchInductor (dynamic shapes), with the persistent cache."""
-    from .compile import cache_dir
-
-    cache_dir()
+    """`quantize_activation` compiled by TorchInductor (dynamic shapes). One pure function, compiled once per
+    process (cached on disk where the program chose a persistent cache, compile.use_persistent_cache)."""
     return torch.compile(quantize_activation, dynamic=True)
 
 
@@ -117,9 +117,9 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP, fused: bool = 
     the inductor-compiled quantizer (needs a C++ compiler, as torch.compile does), else in eager ops."""
     why = supported()
     if why is not None:
-        raise RuntimeError(f"int8 quantization is unavailable: {why}; run without --quant")
+        raise BackendUnavailable(f"int8 quantization is unavailable: {why}; run without quantization")
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("int8 quantization runs on CPU only; load the model with device='cpu'")
+        raise BackendUnavailable("int8 quantization runs on CPU only; load the model on the CPU")
     quantize = fused_quantizer() if fused else quantize_activation
     swaps = []
     for name, module in model.named_modules():
