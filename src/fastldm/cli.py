@@ -83,9 +83,12 @@ def main() -> None:
               "capped at the CPUs available)")
 @click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
+@click.option("--export", "exports", multiple=True, type=click.Choice(["glb", "ply", "obj"]),
+              help="RGBD models: also write each image and its depth as a 3-D file beside its PNG (same name): glb "
+              "textured mesh, ply coloured point cloud, obj mesh + .mtl + texture; repeat for several")
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
              early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, cuda_graphs,
-             allow_pickle) -> None:
+             allow_pickle, exports) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
     from .pipeline import GenerationRequest
@@ -108,6 +111,13 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
         with click.progressbar(length=steps if steps != "auto" else 1, label="denoising", file=sys.stderr) as bar:
             result = pipe.generate(req, callback=_progress(bar))
         paths = api.save_result(pipe, result, out)
+        if exports and result.depths is None:
+            click.echo("no 3-D export: this model makes images without depth (3-D export needs an RGBD model)",
+                       err=True)
+        elif exports:
+            from .tools.export3d import export_beside
+
+            paths += export_beside(result, paths, exports)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         _fail(e)
     for p in paths:

@@ -1,5 +1,5 @@
 """3-D export (fastldm.tools.export3d): files that load back with trimesh, exact geometry for known depth maps,
-cuts at depth discontinuities, and user errors."""
+cuts at depth discontinuities, the CLI's --export on the embedded model, and user errors."""
 from __future__ import annotations
 
 import io
@@ -11,9 +11,13 @@ import struct
 import numpy as np
 import pytest
 import trimesh
+from click.testing import CliRunner
 from PIL import Image
 
 import fastldm
+from conftest import randomize_
+from fastldm.api import EMBEDDED_MODEL
+from fastldm.cli import main
 from fastldm.errors import RequestError
 from fastldm.pipeline import GenerationRequest, GenerationResult
 from fastldm.tools import export3d as E
@@ -157,3 +161,44 @@ def test_export_3d_from_a_result_and_its_errors(tmp_path):
     with pytest.raises(RequestError, match="uint16"):
         E.export_rgbd(image, depth.astype(np.float32), tmp_path / "x.glb")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.ply"]
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL / "model_index.json").exists(), reason="the embedded model is not installed")
+@pytest.mark.usefixtures("one_thread")
+def test_cli_export_on_the_embedded_model(tmp_path):
+    res = CliRunner().invoke(main, ["generate", "a red cube on the left", "--steps", "2", "--seed", "3", "--out",
+                                    str(tmp_path), "--export", "glb", "--export", "ply"])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00000-3-depth.png", "00000-3.glb", "00000-3.ply", "00000-3.png"]
+    assert all(str(tmp_path / n) in res.output for n in names)
+    scene = trimesh.load(tmp_path / "00000-3.glb")
+    (mesh,) = scene.geometry.values()
+    assert 0 < len(mesh.vertices) <= 64 * 64 and len(mesh.faces) > 0
+    assert np.allclose(scene.camera_transform[:3, 3], [0, 0, 1]) and np.allclose(scene.bounds[:, 2].mean(), 0)
+    assert len(trimesh.load(tmp_path / "00000-3.ply").vertices) == 64 * 64
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_export_with_an_rgb_model_says_so(tmp_path):
+    from fastldm.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+    from fastldm.loading.save import save_folder
+    from fastldm.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from fastldm.tokenizer import CLIPTokenizer
+
+    text = CLIPConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    unet = UNetConfig(block_out_channels=(32,), layers_per_block=(1,), cross_attn=(True,), attention_heads=(2,),
+                      cross_attention_dim=32, norm_num_groups=8, sample_size=8)
+    vae = VAEConfig(block_out_channels=(32,), layers_per_block=1, norm_num_groups=8, force_upcast=False,
+                    sample_size=8)
+    modules = {"text_encoder": randomize_(CLIPTextModel(text), 1, std=0.1),
+               "unet": randomize_(UNet2DConditionModel(unet), 2, std=0.08),
+               "vae": randomize_(AutoencoderKL(vae), 3, std=0.05)}
+    folder = save_folder(ModelConfig("sd1", text, unet, vae, default_size=8), modules,
+                         {"tokenizer": CLIPTokenizer.bundled()}, tmp_path / "tiny-rgb")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["generate", "a cube", "--model", str(folder), "--steps", "1", "--seed", "0",
+                                    "--out", str(out), "--export", "glb"])
+    assert res.exit_code == 0, res.output
+    assert "no 3-D export" in res.output and "RGBD" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000-0.png"]
