@@ -7,8 +7,9 @@ imported on first use (PEP 562), so `import fastldm.config` or the CLI's `--help
 import importlib
 
 __version__ = "0.1.0"
-_WHERE = {"load": "api", "default_model": "api", "Pipeline": "pipeline", "GenerationRequest": "request", "GenerationResult": "run",
-          "Plan": "plan", "Limits": "plan", "BatchedRun": "run"}
+_WHERE = {"load": "api", "default_model": "api", "Pipeline": "pipeline", "GenerationRequest": "request",
+          "GenerationResult": "run", "Plan": "plan", "Limits": "plan", "BatchedRun": "run",
+          "export_3d": "tools.export3d"}
 __all__ = [*_WHERE, "__version__"]
 
 

@@ -141,10 +141,13 @@ THREADS_HELP = ("CPU threads for this process (default: torch's, capped at the C
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
+@click.option("--export", "exports", multiple=True, type=click.Choice(["glb", "ply", "obj"]),
+              help="RGBD models: also write each image and its depth as a 3-D file beside its PNG (same name): glb "
+              "textured mesh, ply coloured point cloud, obj mesh + .mtl + texture; repeat for several")
 @user_errors
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
              early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, cuda_graphs,
-             allow_pickle) -> None:
+             allow_pickle, exports) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
     from .request import GenerationRequest
@@ -167,7 +170,14 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
         click.echo(str(timed_first_call(pipe.generate, dataclasses.replace(plan.request, steps=1))), err=True)
     with click.progressbar(length=plan.denoising_steps, label="denoising", file=sys.stderr) as bar:
         result = run(pipe, [plan], [_progress(bar)])[0]
-    for p in api.save_result(pipe, result, out):
+    paths = api.save_result(pipe, result, out)
+    if exports and result.depths is None:
+        click.echo("no 3-D export: this model makes images without depth (3-D export needs an RGBD model)", err=True)
+    elif exports:
+        from .tools.export3d import export_beside
+
+        paths += export_beside(result, paths, exports)
+    for p in paths:
         click.echo(p)
 
 
