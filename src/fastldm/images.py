@@ -6,13 +6,13 @@ quoted with json.dumps when they contain ',', ':' or a newline.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from .files import atomic_write
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -42,28 +42,16 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt), "\n".join(negative), params
 
 
-def _atomic_save(path: Path, save) -> None:
-    """Write through a temporary file in the same folder, then rename: a failure leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    _atomic_save(path, lambda p: image.save(p, format="PNG", pnginfo=info))
+    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
     return path
 
 
 def save_depth_png(depth: np.ndarray, path: Path) -> Path:
     """depth (H, W) uint16 -> 16-bit grayscale PNG (PIL mode "I;16")."""
     img = Image.fromarray(depth.astype(np.uint16))
-    _atomic_save(path, lambda p: img.save(p, format="PNG"))
+    atomic_write(path, lambda p: img.save(p, format="PNG"))
     return path

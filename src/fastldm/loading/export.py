@@ -7,13 +7,13 @@ it ("squeeze" -> 1x1 conv, "transpose" back, q/k/v concatenated into `in_proj_*`
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..files import atomic_write
 from ..families import family_of
 from .keymaps import Op, is_ignored, ldm_to_ours
 
@@ -90,12 +90,4 @@ def save_single_file(state_dicts: dict[str, dict[str, torch.Tensor]], config: Mo
     meta.update({str(k): str(val) for k, val in (metadata or {}).items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=meta))

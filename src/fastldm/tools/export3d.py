@@ -43,8 +43,6 @@ its RGB colour, nothing cut. Files are written whole or not at all (a temporary 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +50,7 @@ import trimesh
 from PIL import Image
 
 from ..errors import RequestError
+from ..files import atomic_write_bytes
 
 FORMATS = ("glb", "ply", "obj")
 DEFAULT_FOV = 55.0          # degrees across the image width
@@ -186,19 +185,6 @@ def encode(image: Image.Image, depth: np.ndarray, format: str, stem: str = "rgbd
     return files | {f"{stem}.obj": text.encode("utf-8")}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then rename; the file ends up 0644 like any other."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export_rgbd(image: Image.Image, depth: np.ndarray, path: str | Path, format: str | None = None,
                 **options) -> list[Path]:
     """Write an image and its uint16 depth (H, W) as a 3-D file at `path` (format from its suffix when not
@@ -212,9 +198,9 @@ def export_rgbd(image: Image.Image, depth: np.ndarray, path: str | Path, format:
     main = files.pop(f"{path.stem}.{format}")
     written = []
     for name, data in files.items():
-        _write_atomic(path.parent / name, data)
+        atomic_write_bytes(path.parent / name, data)
         written.append(path.parent / name)
-    _write_atomic(path, main)
+    atomic_write_bytes(path, main)
     return written + [path]
 
 
