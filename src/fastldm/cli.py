@@ -109,31 +109,51 @@ THREADS_HELP = ("CPU threads for this process (default: torch's, capped at the C
                 "with the allocator and compile-cache settings (see `fastldm --help`)")
 
 
+MODEL_HELP = "diffusers folder or .safetensors file (default: the embedded tiny RGBD model)"
+DTYPE_HELP = "default: fp16 on CUDA; bf16 on a CPU with bf16 instructions for SD-sized models, else fp32"
+
+
+def _request_options(defaults: bool):
+    """The options that set GenerationRequest fields (all but the prompt, seed and init image): `generate`'s with
+    the request's defaults; `batch`'s unset unless given (a prompts line's own fields win over them)."""
+    def d(value):
+        return value if defaults else None
+
+    options = [
+        click.option("--negative", default=d(""), help="negative prompt"),
+        click.option("--steps", default=d(20), show_default=defaults, type=_Steps(),
+                     help="denoising steps, or 'auto': the model's step predictor picks them for this prompt"),
+        click.option("--sampler", default=d("DPM++ 2M"), show_default=defaults, help="see `fastldm samplers`"),
+        click.option("--schedule", "scheduler", default=None, help="sigma schedule: karras, exponential, normal, ..."),
+        click.option("--guidance", "--cfg", default=None, type=float,
+                     help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)"),
+        click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)"),
+        click.option("-n", "n", default=d(1), show_default=defaults, type=click.IntRange(1, 64), help="images"),
+        click.option("--strength", default=d(0.75), show_default=defaults, type=float,
+                     help="img2img denoising strength"),
+        click.option("--early-stop", is_flag=False, flag_value=DEFAULT_THRESHOLD, default=None, type=float,
+                     metavar="[THRESHOLD]", help="stop once a step changes the clean-image estimate by less than "
+                     f"THRESHOLD (relative; {DEFAULT_THRESHOLD:g} when given without a value)"),
+        click.option("--cache-interval", default=d(1), show_default=defaults, type=click.IntRange(1, 100),
+                     help="DeepCache: run the full UNet every N calls, only its shallow path in between"),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "-m", type=click.Path(path_type=Path), help="diffusers folder or .safetensors file "
-              "(default: the embedded tiny RGBD model)")
-@click.option("--negative", default="", help="negative prompt")
-@click.option("--steps", default=20, show_default=True, type=_Steps(),
-              help="denoising steps, or 'auto': the model's step predictor picks them for this prompt")
-@click.option("--sampler", default="DPM++ 2M", show_default=True, help="see `fastldm samplers`")
-@click.option("--schedule", "scheduler", default=None, help="sigma schedule: karras, exponential, normal, ...")
-@click.option("--guidance", "--cfg", default=None, type=float,
-              help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help=MODEL_HELP)
+@_request_options(defaults=True)
 @click.option("--seed", default=None, type=int, help="random if not given; image i uses seed + i")
-@click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
-@click.option("-n", "n", default=1, show_default=True, type=click.IntRange(1, 64), help="images")
 @click.option("--init-image", type=click.Path(path_type=Path), help="img2img source image")
-@click.option("--strength", default=0.75, show_default=True, type=float, help="img2img denoising strength")
-@click.option("--early-stop", is_flag=False, flag_value=DEFAULT_THRESHOLD, default=None, type=float,
-              metavar="[THRESHOLD]", help="stop once a step changes the clean-image estimate by less than "
-              f"THRESHOLD (relative; {DEFAULT_THRESHOLD:g} when given without a value)")
-@click.option("--cache-interval", default=1, show_default=True, type=click.IntRange(1, 100),
-              help="DeepCache: run the full UNet every N calls, only its shallow path in between")
 @click.option("--out", default="outputs", show_default=True, type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="default: fp16 on CUDA; bf16 on a CPU with bf16 instructions for SD-sized models, else fp32")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
 @click.option("--compile/--no-compile", "compile_unet", default=None,
               help="torch.compile the UNet (default: off); compiled graphs are cached in ~/.cache/fastldm/inductor")
 @click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
@@ -179,6 +199,75 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
         paths += export_beside(result, paths, exports)
     for p in paths:
         click.echo(p)
+
+
+@main.command()
+@click.argument("prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="output folder (default: outputs/<PROMPTS name>); running again resumes it")
+@click.option("--model", "-m", type=click.Path(path_type=Path), help=MODEL_HELP)
+@_request_options(defaults=False)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="base seed: a line without its own seed gets SEED + 64 x (line number - 1)")
+@click.option("--batch", "in_flight", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="images in flight per worker; compatible requests share each UNet call")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
+@click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
+              "UNet (CPU)")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP + " (without --ray)")
+@click.option("--ray", "use_ray", is_flag=True, help='run on Ray: a Ray Data actor pool, one model per actor '
+              '(pip install "fastldm[ray]")')
+@click.option("--address", default=None, help="with --ray: the cluster to join, auto or HOST:PORT (default: start "
+              "a local Ray instance of --workers x --cpus-per-worker CPUs)")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 100000), help="with --ray: actors")
+@click.option("--cpus-per-worker", default=1, show_default=True, type=click.IntRange(1, 4096),
+              help="with --ray: CPUs each actor reserves (and its torch threads)")
+@click.option("--gpus-per-worker", default=0.0, type=click.FloatRange(0, 64), help="with --ray: GPUs each actor "
+              "reserves (use with --device cuda)")
+@user_errors
+def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, size, n, strength, early_stop,
+          cache_interval, seed, in_flight, device, dtype, quant, threads, use_ray, address, workers, cpus_per_worker,
+          gpus_per_worker) -> None:
+    """Generate every request of PROMPTS into --out, with a manifest.jsonl; running it again skips what is done.
+
+    PROMPTS is a .txt file (a prompt a line) or a .jsonl file (a request object a line, any field of
+    fastldm.GenerationRequest, e.g. {"prompt": "a red cube", "steps": 30, "seed": 7}). The generation options
+    are defaults that a line's own fields override. A bad line or a failed request is recorded in the manifest
+    and the rest go on; the command then exits with 1."""
+    from . import api
+    from .tools import batch as bulk
+
+    if address is not None and not use_ray:
+        raise click.UsageError("--address needs --ray")
+    width, height = _size(size)
+    given = dict(negative_prompt=negative, steps=steps, sampler=sampler, scheduler=scheduler, guidance=guidance,
+                 width=width, height=height, n=n, strength=strength, early_stop=early_stop,
+                 cache_interval=cache_interval)
+    model = model.resolve() if model is not None else api.default_model()
+    load_options = dict(device=device, dtype=dtype, quant=quant)
+    if use_ray:
+        from .tools import ray_batch
+
+        engine = ray_batch.engine(model, load_options, workers=workers, cpus_per_worker=cpus_per_worker,
+                                  gpus_per_worker=gpus_per_worker, batch=in_flight, address=address)
+    else:
+        from .runtime.device import configure_process
+
+        configure_process(threads)
+        engine = bulk.local(functools.partial(api.load, model, **load_options), in_flight)
+    out = out or Path("outputs") / prompts.stem
+    settings = {"model": str(model), "dtype": dtype, "quant": quant}
+    with bulk.Batch(prompts, out, settings, {k: v for k, v in given.items() if v is not None}, seed) as job:
+        with click.progressbar(length=len(job.todo), label="generating", show_pos=True, file=sys.stderr) as bar:
+            for _ in job.run(engine):
+                bar.update(1)
+    s = job.summary
+    click.echo(f"{out}: {s.done} done, {s.failed} failed, {s.skipped} already done; {s.images} images in "
+               f"{s.seconds:.1f} s; manifest {out / bulk.MANIFEST}")
+    if s.failed:
+        raise UserError(f"{s.failed} of {s.done + s.failed} requests failed; their errors are in "
+                        f"{out / bulk.MANIFEST}", 1)
 
 
 @main.group()

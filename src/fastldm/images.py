@@ -5,6 +5,7 @@ quoted with json.dumps when they contain ',', ':' or a newline.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .files import atomic_write
+from .files import atomic_write_bytes
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -42,16 +43,26 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt), "\n".join(negative), params
 
 
-def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """An image as PNG bytes, with the A1111 `parameters` text chunk when given."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    atomic_write(path, lambda p: image.save(p, format="PNG", pnginfo=info))
-    return path
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def depth_png_bytes(depth: np.ndarray) -> bytes:
+    """depth (H, W) uint16 -> 16-bit grayscale PNG bytes (PIL mode "I;16")."""
+    buf = io.BytesIO()
+    Image.fromarray(depth.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+    return atomic_write_bytes(path, png_bytes(image, parameters))
 
 
 def save_depth_png(depth: np.ndarray, path: Path) -> Path:
-    """depth (H, W) uint16 -> 16-bit grayscale PNG (PIL mode "I;16")."""
-    img = Image.fromarray(depth.astype(np.uint16))
-    atomic_write(path, lambda p: img.save(p, format="PNG"))
-    return path
+    return atomic_write_bytes(path, depth_png_bytes(depth))
