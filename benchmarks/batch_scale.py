@@ -33,12 +33,13 @@ PAYLOAD = 400 << 10        # bytes per request in the noop rows: a 512x512 RGB P
 
 
 class Actors:
-    """The `expected` Ray Data actors of this run (process title "ray::MapWorker..."), sampled from /proc: each
-    one's peak RSS (VmHWM) and CPU seconds (utime + stime). Actors alive before (a previous run's, still exiting)
-    are left out; /proc is scanned only until all are found, so the sampling costs the driver next to nothing."""
+    """The Ray Data actors of this run (process title "ray::MapWorker..."), sampled from /proc: each one's peak
+    RSS (VmHWM) and CPU seconds (utime + stime). Actors alive before (a previous run's, still exiting) are left
+    out; /proc is scanned only while fewer than `expected` actors are alive (at start, and after one died and Ray
+    replaced it), so the sampling costs the driver next to nothing. A dead actor's numbers are kept."""
 
     def __init__(self, expected: int):
-        self.expected, self.old, self.peak_kb, self.cpu_s = expected, set(self._scan()), {}, {}
+        self.expected, self.old, self.peak_kb, self.cpu_s, self.dead = expected, set(self._scan()), {}, {}, set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -57,14 +58,15 @@ class Actors:
 
     def sample(self) -> float:
         """Update every actor's numbers; return their CPU seconds in all."""
-        if len(self.cpu_s) < self.expected:
+        if len(self.cpu_s) - len(self.dead) < self.expected:
             for pid in set(self._scan()) - self.old:
                 self.cpu_s.setdefault(pid, 0.0)
-        for pid in self.cpu_s:
+        for pid in set(self.cpu_s) - self.dead:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
+                self.dead.add(pid)
                 continue
             hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM"))
             self.peak_kb[pid] = max(self.peak_kb.get(pid, 0), hwm)
@@ -141,6 +143,7 @@ def child(config: str, args) -> dict:
             "renderer_cpu_s_per_req": renderer_cpu / after,       # steady state: after the first block
             "driver_cpu_s_per_req": None if config == "local" else (own_last - own_first) / after,
             "mean_request_s": sum(seconds) / len(seconds),
+            "actors_replaced": len(actors.dead),
             "peak_rss_mb": ([round(v / 1024) for v in actors.peak_kb.values()] if config != "local" else
                             [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]),
             "load_avg_1min": os.getloadavg()[0]}

@@ -1,4 +1,4 @@
-"""`fastldm batch --ray` on a local Ray instance (127.0.0.1, 2 actors of 1 CPU, the embedded model): the same
+"""`fastldm batch --ray` on a local Ray instance (2 actors of 1 CPU, the embedded model): the same
 manifest, names and resume semantics as the local engine, images equal to its (within one 8-bit level).
 Marked `ray` (a Ray start and two model loads take about a minute): `pytest -m ray`."""
 from __future__ import annotations

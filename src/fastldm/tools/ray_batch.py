@@ -37,16 +37,17 @@ def require_ray():
 
 
 def connect(ray, address: str | None, cpus: float, gpus: float = 0) -> bool:
-    """Join the cluster at `address` ("auto", HOST:PORT, ray://...), or with None start a local instance on
-    127.0.0.1 bounded to `cpus` CPUs and LOCAL_OBJECT_STORE bytes, without the dashboard. Returns whether this
-    call connected (the caller then shuts down)."""
+    """Join the cluster at `address` ("auto", HOST:PORT, ray://...), or with None start a local instance on this
+    machine bounded to `cpus` CPUs and LOCAL_OBJECT_STORE bytes, without the dashboard. Returns whether this call
+    connected (the caller then shuts down). Ray (2.60) gives a local node the machine's own address, not
+    127.0.0.1, and its servers listen on every interface; its token authentication (on by default) guards them."""
     if ray.is_initialized():
         return False
     if address is not None:
         ray.init(address=address, logging_level="warning")
     else:
         ray.init(num_cpus=cpus, num_gpus=gpus, object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level="warning")
+                 logging_level="warning")
     return True
 
 
