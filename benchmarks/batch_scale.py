@@ -6,9 +6,9 @@ same prompts, and the Ray path's own cost per request with no model and PNG-size
 
 Each configuration runs in a fresh process, through tools/batch.Batch into a fresh folder (so the driver's
 file and manifest writes are counted): local = one process, 1 torch thread; ray-W = W actors of 1 CPU on a
-local Ray instance (tools/ray_batch.engine); noop-W = the same Ray Data actor pool and driver, but each actor
-returns PAYLOAD random bytes per request at once (a 512² PNG is about that size), so its time per request is
-Ray's and the driver's overhead alone. Reported: wall time (Ray start and model loads included), time to the
+local Ray instance (tools/ray_batch.engine); noop-W = the same engine with `Blobs` for its actor, which returns
+PAYLOAD random bytes per request at once (a 512² PNG is about that size), so its time per request is Ray's and
+the driver's overhead alone. Reported: wall time (Ray start and model loads included), time to the
 first result, steady throughput (the requests that arrive after the first result, over the time from it to
 the last: results come in blocks of --batch), CPU seconds per request in that steady part for the renderers
 (the actors, or the local process) and for the Ray driver (it receives and writes the files), mean request
@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-PAYLOAD = 400 << 10        # bytes per request in the noop rows: a 512x512 RGB PNG of a photo-like image
+PAYLOAD = 400 << 10        # bytes per request in the noop rows: about a 512x512 RGB PNG (400-600 KB)
 
 
 class Actors:
@@ -79,32 +79,20 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _noop_engine(workers: int, batch: int):
-    """A Ray Data actor pool like tools/ray_batch's whose actors return PAYLOAD random bytes per request."""
-    import numpy as np
-    import ray
+class Blobs:
+    """Stands in for ray_batch.Renderer: no model; each request's result is PAYLOAD random bytes at once."""
 
-    from fastldm.tools.batch import Outcome
-    from fastldm.tools.ray_batch import connect
+    def __init__(self, **_):
+        self.payload = os.urandom(PAYLOAD)
 
-    class Blobs:
-        def __init__(self):
-            self.payload = os.urandom(PAYLOAD)
+    def __call__(self, rows):
+        import pyarrow as pa
 
-        def __call__(self, rows):
-            return {"line": rows["line"], "png": np.array([self.payload] * len(rows["line"]), dtype=object)}
-
-    def run(items):
-        connect(ray, None, workers)
-        try:
-            ds = ray.data.from_items([{"line": item.line} for item in items])
-            ds.context.enable_progress_bars = False
-            ds = ds.map_batches(Blobs, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
-            for row in ds.iter_rows():
-                yield Outcome(int(row["line"]), {f"{row['line']:06d}-0.png": row["png"]}, [0], 0)
-        finally:
-            ray.shutdown()
-    return run
+        lines = [int(line) for line in rows["line"]]
+        record = json.dumps({"seeds": [0], "steps": 0, "seconds": 0.0, "worker": None, "error": None})
+        return pa.table({"line": pa.array(lines, pa.int64()), "record": pa.array([record] * len(lines)),
+                         "names": pa.array([[f"{line:06d}-0.png"] for line in lines], pa.list_(pa.string())),
+                         "blobs": pa.array([[self.payload]] * len(lines), pa.list_(pa.large_binary()))})
 
 
 def child(config: str, args) -> dict:
@@ -116,10 +104,9 @@ def child(config: str, args) -> dict:
     if config == "local":
         configure_process(1)
         engine = batch.local(lambda: api.load(model), args.batch)
-    elif config.startswith("ray-"):
-        engine = ray_batch.engine(model, {}, workers=int(config[4:]), cpus_per_worker=1, batch=args.batch)
     else:
-        engine = _noop_engine(int(config[5:]), args.batch)
+        engine = ray_batch.engine(model, {}, workers=int(config.split("-")[1]), cpus_per_worker=1, batch=args.batch,
+                                  actor=Blobs if config.startswith("noop") else ray_batch.Renderer)
     defaults = {"steps": args.steps} | ({"width": args.size, "height": args.size} if args.size else {})
     actors = Actors(0 if config == "local" else int(config.split("-")[1]))
     actors.thread.start()
@@ -138,15 +125,21 @@ def child(config: str, args) -> dict:
     after = len(arrivals) - first
     (actors_first, own_first), (actors_last, own_last) = cpu["first"], cpu["last"]
     renderer_cpu = own_last - own_first if config == "local" else actors_last - actors_first
+    steady = after > 0          # None below: every result came in the first block
     return {"config": config, "requests": len(arrivals), "wall_s": arrivals[-1], "first_s": arrivals[0],
-            "steady_req_per_s": after / (arrivals[-1] - arrivals[0]),
-            "renderer_cpu_s_per_req": renderer_cpu / after,       # steady state: after the first block
-            "driver_cpu_s_per_req": None if config == "local" else (own_last - own_first) / after,
+            "steady_req_per_s": after / (arrivals[-1] - arrivals[0]) if steady else None,
+            "renderer_cpu_s_per_req": renderer_cpu / after if steady else None,   # after the first block
+            "driver_cpu_s_per_req": (own_last - own_first) / after if steady and config != "local" else None,
+            "renderer_cpu_s": actors_last if config != "local" else own_last,    # all of it, load included
             "mean_request_s": sum(seconds) / len(seconds),
             "actors_replaced": len(actors.dead),
             "peak_rss_mb": ([round(v / 1024) for v in actors.peak_kb.values()] if config != "local" else
                             [round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)]),
             "load_avg_1min": os.getloadavg()[0]}
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -189,10 +182,10 @@ def main() -> None:
           "mean request (s) | peak RSS per renderer (MB) | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
-        driver = "" if r["driver_cpu_s_per_req"] is None else f"{r['driver_cpu_s_per_req']:.4f}"
-        print(f"| {r['config']} | {r['wall_s']:.1f} | {r['first_s']:.1f} | {r['steady_req_per_s']:.2f} | "
-              f"{r['renderer_cpu_s_per_req']:.4f} | {driver} | {r['mean_request_s']:.2f} | "
-              f"{', '.join(map(str, r['peak_rss_mb']))} | {r['load_avg_1min']:.1f} |")
+        cells = [r["config"], f"{r['wall_s']:.1f}", f"{r['first_s']:.1f}", _num(r["steady_req_per_s"], 2),
+                 _num(r["renderer_cpu_s_per_req"], 4), _num(r["driver_cpu_s_per_req"], 4), f"{r['mean_request_s']:.2f}",
+                 ", ".join(map(str, r["peak_rss_mb"])), f"{r['load_avg_1min']:.1f}"]
+        print("| " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                          "argv": sys.argv[1:], "payload_bytes": PAYLOAD, "rows": rows}, indent=1))

@@ -3,8 +3,10 @@
 `ds.map_batches(Renderer, compute=ActorPoolStrategy(size=workers), num_cpus=C, batch_size=B)` (Ray Data's
 offline batch inference pattern): each actor sets its own process up (`configure_process`, C threads), loads
 the model once, and runs every block of B items it is handed through the same `render` as the local engine.
-Results stream back to the driver as blocks finish (the order is not kept), and the driver's `Batch` writes
-the files and the manifest, so resume works exactly as in one process.
+Results stream back to the driver block by block as they finish (the order is not kept), and the driver's
+`Batch` writes the files and the manifest, so resume works exactly as in one process. An actor that dies (a
+node lost, Ray's memory monitor) is restarted by Ray Data and its block run again; if the driver dies, the
+manifest says what is done.
 
 Why the driver writes: on a cluster of several machines the workers' disks are not the driver's, and a shared
 file system cannot be assumed; an image is a few hundred KB of PNG against seconds of sampling, so carrying it
@@ -14,6 +16,7 @@ must exist on every node (the embedded model ships in the package; install fastl
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -85,10 +88,11 @@ def _outcome(row: Mapping[str, Any]) -> Outcome:
 
 
 def engine(model: str | Path, load_options: Mapping[str, Any] | None = None, *, workers: int = 2,
-           cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch: int = 8,
-           address: str | None = None) -> Engine:
+           cpus_per_worker: float = 1, gpus_per_worker: float = 0, batch: int = 8, address: str | None = None,
+           actor: type = Renderer) -> Engine:
     """An Engine that renders on Ray: `workers` actors of `cpus_per_worker` CPUs (and `gpus_per_worker` GPUs),
-    each with `batch` images in flight. Ray is started (or joined, `address`) only when there is work."""
+    each with `batch` images in flight. Ray is started (or joined, `address`) only when there is work. `actor`:
+    the actor class, built and called as Renderer is (benchmarks/batch_scale.py swaps in one without a model)."""
     ray = require_ray()
 
     def run(items: list[Item]) -> Iterator[Outcome]:
@@ -96,9 +100,12 @@ def engine(model: str | Path, load_options: Mapping[str, Any] | None = None, *, 
             return
         ours = connect(ray, address, workers * cpus_per_worker, workers * gpus_per_worker)
         try:
-            ds = ray.data.from_items([{"line": item.line, "request": json.dumps(item.request)} for item in items])
+            # One block per actor call: its results come back when it ends (Ray Data's default, at least 200
+            # blocks, would return them only per block of len(items) / 200 requests).
+            ds = ray.data.from_items([{"line": item.line, "request": json.dumps(item.request)} for item in items],
+                                     override_num_blocks=math.ceil(len(items) / batch))
             ds.context.enable_progress_bars = False      # the caller shows progress per result
-            ds = ds.map_batches(Renderer, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=workers),
+            ds = ds.map_batches(actor, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
                                 fn_constructor_kwargs=dict(model=str(model), load_options=dict(load_options or {}),
                                                            threads=max(1, int(cpus_per_worker)), batch=batch))
