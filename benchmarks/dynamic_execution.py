@@ -272,22 +272,10 @@ def cmd_results(a) -> None:
 # ---- random-weight SD 1.5: speed ------------------------------------------------------------------------------
 
 def sd15_pipeline(dtype: torch.dtype):
-    """SD 1.5's architecture with random weights (N(0, 0.02²)), as benchmarks/load_sd15.py builds it."""
-    from fastldm.families import PRESETS
-    from fastldm.loading.load import _MODELS
-    from fastldm.pipeline import Pipeline
-    from fastldm.tokenizer import CLIPTokenizer
+    """SD 1.5's architecture with random weights (fastldm.testing)."""
+    from fastldm.testing import fan_in_init_, random_pipeline
 
-    cfg, g, modules = PRESETS["sd1"], torch.Generator().manual_seed(0), {}
-    for name in ("text_encoder", "unet", "vae"):
-        with torch.device("meta"):
-            m = _MODELS[name](getattr(cfg, name))
-        m = m.to_empty(device="cpu").to(dtype).eval()
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        modules[name] = m
-    return Pipeline(cfg, modules, {"tokenizer": CLIPTokenizer.bundled()}, name="sd15-random")
+    return random_pipeline("sd1", dtype=dtype, init=fan_in_init_)
 
 
 def cmd_sd15(a) -> None:

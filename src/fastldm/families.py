@@ -165,8 +165,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("lcm", lambda u: u.time_cond_proj_dim is not None,
             "latent consistency distilled: guidance enters as an embedding, no CFG batch; use the LCM sampler, 2-8 "
             "steps"),
-    Variant("pruned", lambda u: not u.mid_block or min(u.layers_per_block) < 2,
-            "blocks removed (BK-SDM, small/tiny SD): widths and depths read from the weights"),
+    Variant("pruned", lambda u: not u.mid_block,
+            "architecturally compressed, no mid block (BK-SDM, small/tiny SD): widths and depths read from the "
+            "weights"),
 )
 
 

@@ -127,14 +127,14 @@ def _folder_config(folder: Path, index: dict) -> ModelConfig:
 
 def _folder_family(index: dict, te: dict, has_te2: bool, vae: VAEConfig, prediction: str) -> Family:
     """A diffusers folder's row of families.py: two text encoders -> SDXL; an LDM3D pipeline or an RGB +
-    depth VAE -> LDM3D (4c or 6c); a 1024-wide text encoder -> SD2 (sd2 / sd2-v by the scheduler's prediction
-    type); else SD1."""
+    depth VAE -> LDM3D (4c or 6c); an OpenCLIP text encoder (gelu; OpenAI's CLIP uses quick_gelu) or a
+    1024-wide one -> SD2 (sd2 / sd2-v by the scheduler's prediction type); else SD1."""
     if has_te2:
         stack = "sdxl"
     elif "LDM3D" in index.get("_class_name", "") or vae.out_channels in (4, 6):
         stack = "ldm3d"
     else:
-        stack = "sd2" if te.get("hidden_size") == 1024 else "sd1"
+        stack = "sd2" if te.get("hidden_act") == "gelu" or te.get("hidden_size") == 1024 else "sd1"
     rows = [f for f in FAMILIES if f.stack == stack]
     return next((f for f in rows if f.vae_channels == vae.out_channels and f.prediction == prediction),
                 stack_default(stack, vae.out_channels))

@@ -27,7 +27,6 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendUnavailable
@@ -134,8 +133,3 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP, fused: bool = 
         setattr(model.get_submodule(parent), attr, new)
     return len(swaps)
 
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of images a, b in [0, peak]."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()
