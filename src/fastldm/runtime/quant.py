@@ -15,9 +15,8 @@ back to a reference loop ~2000× slower); uint8 with a zero point is what its VN
 scales; TorchInductor fuses it into one reduction and one pass (`fused=True`, the default: 2-4.7× faster
 than eager at SD 1.5's shapes, compiled once per machine in ~11 s and cached, see runtime/compile.py).
 
-Measured on the project's AVX-512-VNNI box (2 vCPUs, bf16 outputs): a 8192×320 → 2560 linear 3.0× and a
-3×3 320-channel conv at 64×64 2.5× faster than oneDNN bf16; 1280 channels at 16×16 1.7×.
-Which layers: every Conv2d and Linear of the UNet except the first and last convolutions and the
+With VNNI, SD 1.5's linears and convolutions ran 1.7-3× faster than oneDNN bf16 (docs/benchmarks.md,
+"CPU fast path"). Which layers: every Conv2d and Linear of the UNet except the first and last convolutions and the
 timestep / added-condition embeddings (tiny, and the most sensitive to rounding). Attention's softmax
 and the norms stay in bf16. Inference only; the quantized modules have no state dict.
 """
