@@ -66,20 +66,28 @@ def fused_quantizer() -> Callable:
     return torch.compile(quantize_activation, dynamic=True)
 
 
-class Int8Conv2d(nn.Module):
+class _Int8(nn.Module):
+    """What both int8 layers keep of the float layer besides their packed weights: the activation quantizer,
+    the weights' zero points (0: symmetric), the bias in fp32 and the dtype to return."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, quantize: Callable):
+        super().__init__()
+        self.quantize = quantize
+        self.dtype = layer.weight.dtype
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+        self.w_zp = torch.zeros(layer.weight.shape[0], dtype=torch.int64)
+
+
+class Int8Conv2d(_Int8):
     """A Conv2d (any kernel size, stride, padding; groups 1) as int8 oneDNN convolution."""
 
     def __init__(self, conv: nn.Conv2d, quantize: Callable = quantize_activation):
-        super().__init__()
-        self.quantize = quantize
+        super().__init__(conv, quantize)
         q, self.w_scale = _weight_int8(conv.weight)
-        self.out_channels, self.dtype = conv.out_channels, conv.weight.dtype
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        self.bias = None if conv.bias is None else conv.bias.detach().float()
         # x_scale and x_zero_point given to the prepack only select oneDNN's kernel; each call passes its own.
         self.packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
                                                      self.dilation, 1, None)
-        self.w_zp = torch.zeros(self.out_channels, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qx, scale, zero = self.quantize(x.contiguous(memory_format=torch.channels_last))
@@ -88,17 +96,14 @@ class Int8Conv2d(nn.Module):
             self.padding, self.dilation, 1, 1.0, 0, self.dtype, "none", [], "")  # (B, K, H', W') channels_last
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8):
     """An nn.Linear as int8 oneDNN matmul on x (..., in) -> (..., out)."""
 
     def __init__(self, linear: nn.Linear, quantize: Callable = quantize_activation):
-        super().__init__()
-        self.quantize = quantize
+        super().__init__(linear, quantize)
         q, self.w_scale = _weight_int8(linear.weight)
-        self.out_features, self.dtype = linear.out_features, linear.weight.dtype
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features = linear.out_features
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
-        self.w_zp = torch.zeros(self.out_features, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
