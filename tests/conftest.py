@@ -85,6 +85,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """fastldm's on-disk caches (the measured CPU defaults, compiled graphs) in a folder of this test run, not
+    the user's ~/.cache: tests neither read a stale choice nor leave files behind."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

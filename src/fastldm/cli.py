@@ -279,12 +279,26 @@ def samplers() -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--allow-pickle", is_flag=True)
+@click.option("--runtime", is_flag=True, help="also what runs it on this CPU: the dtype and attention kernel "
+              "measured for this model (measured now if not cached), int8, threads")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @user_errors
-def info(path, allow_pickle) -> None:
+def info(path, allow_pickle, runtime, threads) -> None:
     """Print a checkpoint's family, components, parameter counts, dtype and prediction type."""
     from .inspect import describe
 
     click.echo(describe(path, allow_pickle=allow_pickle))
+    if runtime:
+        from .loading.load import read_config
+        from .runtime import tuning
+        from .runtime.device import configure_process
+
+        configure_process(threads)
+        config = read_config(path)
+        if config is None:
+            click.echo("runtime:         (not measured for pickle files; convert the checkpoint to safetensors)")
+        else:
+            click.echo(tuning.describe(tuning.choose(config)))
 
 
 @main.command("eval-shapes")

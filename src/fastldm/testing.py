@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .families import FAMILIES, PRESETS, family
+from .ops.autotune import rel_err  # noqa: F401  (tests and benchmarks import it from here)
 
 # Norm groups stay the families' 32 (single files cannot say otherwise: detection takes them from the preset).
 _TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=(1, 1), cross_attn=(True, True),
@@ -135,11 +136,6 @@ def save_random_folder(config: ModelConfig | str, path: str | Path, *, dtype: to
                if getattr(pipe, k) is not None}
     toks = {k: getattr(pipe, k) for k in ("tokenizer", "tokenizer_2") if getattr(pipe, k) is not None}
     return save_folder(pipe.config, modules, toks, path)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out − ref| / max |ref|."""
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:

@@ -212,6 +212,26 @@ def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype | N
     return dtype
 
 
+def read_config(path: str | Path, prediction_type: str | None = None) -> ModelConfig | None:
+    """A checkpoint's ModelConfig from its configs or safetensors header alone (no tensor data), or None for
+    a pickle file (whose names cannot be read without unpickling it). Errors as `load_components`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "
+                                  f".safetensors file")
+        config = _folder_config(path, _read_json(path / "model_index.json"))
+        if prediction_type is not None:
+            config = config.replace(scheduler={**config.scheduler, "prediction_type": prediction_type})
+        return config
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if path.suffix in PICKLE_SUFFIXES:
+        return None
+    infos, meta = read_header(path)
+    return detect_single_file({k: i.shape for k, i in infos.items()}, meta, prediction_type)
+
+
 def load_components(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     variant: str | None = None, allow_pickle: bool = False,
                     prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
