@@ -35,6 +35,7 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -133,16 +134,18 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             tail = self.log.read_text().strip().splitlines()[-5:]
-            raise RuntimeError(f"exit {self.proc.wait()}: " + " / ".join(tail))
+            raise RuntimeError(f"{self.name} exited ({self.proc.wait()}): " + " / ".join(tail))
         return json.loads(line)
 
     def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+        with contextlib.suppress(BrokenPipeError):  # it died: read() says how
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
         return self.read()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
         self.proc.wait()
 
 
@@ -163,13 +166,24 @@ def start(names: list[str], a, out: dict) -> dict[str, Worker]:
             print(f"{n}: loaded in {workers[n].info['load_s']:.1f} s ({workers[n].info['dtype']})", flush=True)
         except RuntimeError as e:
             out["failed"][n] = str(e)
-            print(f"{n}: did not start: {e}", flush=True)
+            print(f"did not start: {e}", flush=True)
     return workers
 
 
 def run_group(gi: int, group: list[str], a, out: dict) -> None:
-    """Warm-up image, then --rounds of (LO-step, HI-step) images per engine per size, order rotating."""
     workers = start(group, a, out)
+    try:
+        measure(gi, workers, a, out)
+    except RuntimeError as e:  # a worker died mid-run: keep what the other groups measure
+        out["failed"][f"group {gi + 1}"] = str(e)
+        print(f"group {gi + 1} stopped: {e}", flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def measure(gi: int, workers: dict[str, Worker], a, out: dict) -> None:
+    """Warm-up image, then --rounds of (LO-step, HI-step) images per engine per size, order rotating."""
     names = list(workers)
     lo, hi = a.steps
     for size in a.sizes:
@@ -190,7 +204,6 @@ def run_group(gi: int, group: list[str], a, out: dict) -> None:
             out["profile"][n] = workers[n].ask(op="profile", size=a.sizes[-1])["table"]
         out["memory_mb"][n] = max(out["memory_mb"].get(n, {}), workers[n].ask(op="memory"),
                                   key=lambda m: m.get("VmHWM", 0))
-        workers[n].close()
 
 
 def cold_start(name: str, a, out: dict) -> None:
@@ -247,9 +260,9 @@ def print_table(out: dict, a) -> None:
         print(f"ceilings {dt}: matmul {c['matmul']:.3f}, 3x3 conv {c['conv3x3']:.3f} TFLOP/s -> step floor {fl}")
     for s, f in out["flops"].items():
         print(f"one CFG step at {s}²: {f['conv'] + f['matmul']:.3f} TFLOP ({f['conv']:.3f} conv)")
-    sizes = a.sizes
+    sizes, (cold_size, cold_steps) = a.sizes, a.cold_image.split(",")
     print("\n| engine | precision | " + " | ".join(f"per step {s}² (s) | ÷ fastldm" for s in sizes)
-          + f" | first image ({a.cold_image}), fresh process (s) | peak RSS (GB) |")
+          + f" | fresh process to first {cold_steps}-step {cold_size}² image (s) | peak RSS (GB) |")
     print("|---|---|" + "---|---|" * len(sizes) + "---|---|")
     for n, per in out["step_s"].items():
         cells = [f"{per[s]['median']:.2f} | {per[s]['vs_fastldm']:.2f}" if s in per else "– | –" for s in sizes]
@@ -264,7 +277,7 @@ def print_table(out: dict, a) -> None:
     for n, f in out["first_image_s"].items():
         print(f"first (warm-up) {a.steps[0]}-step image {n}: " + ", ".join(f"{s}² {t:.1f} s" for s, t in f.items()))
     for n, c in out["cold"].items():
-        print(f"cold start {n}: {c['s']:.1f} s (load {c['load_s']:.1f} s, {a.cold_image} image {c['image_s']:.1f} s, "
+        print(f"cold start {n}: {c['s']:.1f} s (load {c['load_s']:.1f} s, image {c['image_s']:.1f} s, "
               f"peak RSS {c['VmHWM'] / 1024:.1f} GB)")
     if out["made"]:
         print("made before timing: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["made"].items()))
@@ -319,6 +332,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     a.logs.mkdir(parents=True, exist_ok=True)
+    for stale in a.logs.glob("eps_*.npy"):  # UNet outputs of an earlier run must not enter this one's PSNR
+        stale.unlink()
     torch.set_num_threads(a.threads)
 
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "argv": sys.argv[1:], "machine": machine(a.threads),
