@@ -13,8 +13,8 @@ from PIL import Image
 import fastldm
 from conftest import randomize_
 from fastldm.runtime.early_stop import DEFAULT_THRESHOLD
-from fastldm.tools.steps.labels import LabelTable, build_label_table, render, shapes_judge
-from fastldm.runtime.step_predictor import StepPredictor, predictor_path
+from fastldm.tools.steps.labels import STEP_GRID, LabelTable, build_label_table, quality_labels, render, shapes_judge
+from fastldm.runtime.step_predictor import load_predictor_file, predictor_path
 from fastldm.tools.steps.train import train_from_table
 from fastldm.cli import main
 from fastldm.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
@@ -96,7 +96,8 @@ def test_label_table_and_resume(pipe, tmp_path):
     sims = np.asarray(table.ssim)
     assert sims.shape == (3, 3) and np.allclose(sims[:, -1], 1.0)   # the reference against itself
     assert table.seeds == [0, 1, 2] and np.asarray(table.passed).shape == (3, 3)
-    assert set(table.labels(0.0)) == {2} and set(table.labels(1.0 + 1e-9)) == {5}
+    assert set(table.labels("ssim", 0.0)) == {2} and set(table.labels("ssim", 1.0 + 1e-9)) == {5}
+    assert table.kind == "quality" and table.labels().tolist() == quality_labels(table.passed, SMALL_GRID).tolist()
     partial = build_label_table(pipe, PROMPTS[:2], "DPM++ 2M", guidance=5.0, steps=SMALL_GRID, batch=2)
     resumed = build_label_table(pipe, PROMPTS[:3], "DPM++ 2M", guidance=5.0, steps=SMALL_GRID, batch=2,
                                 table=partial)
@@ -117,7 +118,7 @@ def _synthetic_table(sampler="dpmpp_2m", n=40):
 
 def test_steps_auto_in_api_and_png(pipe, folder, tmp_path):
     table = _synthetic_table()
-    predictor, report = train_from_table(pipe, table, holdout=0.0)
+    predictor, report = train_from_table(pipe, table, holdout=0.0, cost=0.05)     # 5 points a step: a clear rule
     assert report["train"] == 40 and "eval" not in report
     predictor.save(predictor_path(folder, "dpmpp_2m"), **report)
     try:
@@ -160,10 +161,10 @@ def test_cli_steps_label_and_train(folder, tmp_path):
                                     "--sampler", "Euler", "--guidance", "5", "--out", str(labels), "--judge", "shapes"])
     assert res.exit_code == 0, res.output
     table = LabelTable.load(labels)
-    assert table.sampler == "euler" and len(table.prompts) == 1 and len(table.ssim[0]) == 11
+    assert table.sampler == "euler" and len(table.prompts) == 1 and len(table.ssim[0]) == len(STEP_GRID)
     synthetic = _synthetic_table("euler")
     synthetic.save(labels)
     res = CliRunner().invoke(main, ["steps", "train", "--model", str(folder), "--labels", str(labels),
                                     "--out", str(tmp_path / "pred")])
     assert res.exit_code == 0, res.output
-    assert "held-out (8)" in res.output and StepPredictor.load(tmp_path / "pred" / "euler.safetensors").sampler == "euler"
+    assert "held-out (8)" in res.output and load_predictor_file(tmp_path / "pred" / "euler.safetensors").sampler == "euler"
