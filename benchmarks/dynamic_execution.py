@@ -41,9 +41,9 @@ import fastldm
 from fastldm.runtime.early_stop import DEFAULT_THRESHOLD, EarlyStop
 from fastldm.runtime.step_predictor import load_predictor_file, predictor_path
 from fastldm.samplers import resolve_sampler
-from fastldm.tools.shapes.captions import random_caption
+from fastldm.tools.shapes.captions import parse_caption, random_caption
 from fastldm.tools.steps.labels import LabelTable, build_label_table, render, shapes_judge
-from fastldm.tools.steps.train import fixed_curve, judge_point, train_from_table
+from fastldm.tools.steps.train import TOLERANCE, fixed_curve, judge_point, train_from_table
 
 SAMPLERS = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "UniPC")
 THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.08)
@@ -180,6 +180,29 @@ def cmd_timing(a) -> None:
 
 # ---- report: tables, summary JSON, plot -----------------------------------------------------------------------
 
+def caption_type(caption: str) -> str:
+    """For the analysis only, never a predictor's feature: one object by its stated size, two by their relation."""
+    spec = parse_caption(caption)
+    return f"two, {spec.relation}" if spec.relation else f"one, {spec.objects[0].size or 'any'} size"
+
+
+def type_oracle(held: LabelTable) -> dict:
+    """The best that knowing each caption's type (caption_type) could do, fitted on the held-out verdicts
+    themselves (an optimistic bound for a prompt-aware predictor): every type its own count, the one maximising
+    the type's accuracy - λ·k, for the λ with the fewest mean steps within TOLERANCE of fixed 20."""
+    types, passed, grid = np.array([caption_type(p) for p in held.prompts]), np.asarray(held.passed), held.steps
+    best = None
+    for lam in np.linspace(0, 0.05, 101):
+        picks = np.zeros(len(types), int)
+        for t in set(types):
+            picks[types == t] = grid[int(np.argmax(passed[types == t].mean(0) - lam * np.asarray(grid)))]
+        p = judge_point(passed, grid, picks)
+        if p["accuracy"] >= p["accuracy_fixed_reference"] - TOLERANCE - 1e-12 and (
+                best is None or p["mean_steps"] < best["mean_steps"]):
+            best = p | {"per_type": {str(t): int(picks[types == t][0]) for t in sorted(set(types))}}
+    return best
+
+
 def sampler_summary(pipe, a, sampler: str) -> dict | None:
     """Everything measured for one sampler on the held-out captions (None before its held-out labels exist)."""
     path = table_path(a, "heldout", sampler)
@@ -191,7 +214,8 @@ def sampler_summary(pipe, a, sampler: str) -> dict | None:
     out = {"steps": list(held.steps), "captions": len(held.prompts), "train_captions": tune["train"],
            "fixed": fixed_curve(held.passed, held.steps).tolist(), "shipped": tune["shipped"],
            "cost": tune["cost"], "constant": tune["constant"], "predictor": tune["eval"]["predictor"],
-           "constant_point": tune["eval"]["constant"], "auto": judge_point(held.passed, held.steps, predicted)}
+           "constant_point": tune["eval"]["constant"], "auto": judge_point(held.passed, held.steps, predicted),
+           "type_oracle": type_oracle(held)}
     for quant in ("int8",):
         p8 = table_path(a, "heldout", sampler, quant)
         if p8.exists():
@@ -220,16 +244,17 @@ def print_tables(summary: dict) -> None:
         print(f"| {s} | " + " | ".join(map(_pct, r["fixed"])) + " |")
     print("\nPredictor vs the fixed curve (mean steps @ accuracy %):\n")
     print("| sampler | fixed 20 | best constant | predictor | fixed steps at its accuracy | saving | beats? | "
-          f"`--steps auto` ships | early stop {th} | auto + early stop {th} |\n|---|---|---|---|---|---|---|---|---|---|")
+          f"`--steps auto` ships | caption-type oracle | early stop {th} | auto + early stop {th} |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for s, r in summary.items():
-        p, c, e = r["predictor"], r["constant_point"], r.get("early")
+        p, c, e, o = r["predictor"], r["constant_point"], r.get("early"), r["type_oracle"]
         early = (f"{e['fixed20'][th]['mean_steps']:.2f} @ {_pct(e['fixed20'][th]['accuracy'])}",
                  f"{e['auto'][th]['mean_steps']:.2f} @ {_pct(e['auto'][th]['accuracy'])}") if e else ("", "")
         print(f"| {s} | {_pct(p['accuracy_fixed_reference'])} | {r['constant']} @ {_pct(c['accuracy'])} | "
               f"{p['mean_steps']:.2f} @ {_pct(p['accuracy'])} | {p['fixed_steps_same_accuracy']:.2f} | "
               f"{100 * p['saving']:.0f} % | {'yes' if p['beats_fixed'] else 'no'} | "
               f"{'predictor' if r['shipped'] == 'StepPredictor' else 'constant ' + str(r['constant'])} | "
-              f"{early[0]} | {early[1]} |")
+              f"{o['mean_steps']:.2f} @ {_pct(o['accuracy'])} ({100 * o['saving']:.0f} %) | {early[0]} | {early[1]} |")
     if any("int8" in r for r in summary.values()):
         print("\nint8 (`quant=\"int8\"`), the same held-out captions (accuracy %):\n")
         print("| sampler | fixed 20 fp32 | fixed 20 int8 | `--steps auto` fp32 | `--steps auto` int8 | int8 fixed curve "

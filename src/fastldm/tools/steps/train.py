@@ -23,7 +23,7 @@ COSTS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.
 
 def train_step_predictor(features: torch.Tensor, labels, steps: tuple[int, ...], sampler: str, *,
                          kind: str = "quality", cost: float = 0.01, hidden: int = 16, epochs: int = 300,
-                         lr: float = 1e-2, l2: float = 1e-2, seed: int = 0) -> StepPredictor:
+                         lr: float = 1e-2, l2: float = 0.1, seed: int = 0) -> StepPredictor:
     """Fit a StepPredictor on features (N, F) and labels (N,): step counts of `steps` or NEVER. Full-batch Adam on
     the labels' negative log-likelihood + l2·||W||² (both weight matrices; labels are few and noisy, so the
     penalty matters more than the width). A few seconds on a CPU for a thousand prompts. An SSIM-labelled
