@@ -42,7 +42,7 @@ from fastldm.runtime.early_stop import DEFAULT_THRESHOLD, EarlyStop
 from fastldm.runtime.step_predictor import load_predictor_file, predictor_path
 from fastldm.samplers import resolve_sampler
 from fastldm.tools.shapes.captions import parse_caption, random_caption
-from fastldm.tools.steps.labels import LabelTable, build_label_table, render, shapes_judge
+from fastldm.tools.steps.labels import NEVER, LabelTable, build_label_table, render, shapes_judge
 from fastldm.tools.steps.train import TOLERANCE, fixed_curve, judge_point, train_from_table
 
 SAMPLERS = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "UniPC")
@@ -203,25 +203,35 @@ def type_oracle(held: LabelTable) -> dict:
     return best
 
 
+def image_oracle(held: LabelTable) -> dict:
+    """Every image at its own quality label (NEVER: the fewest steps, more buy nothing): what a predictor that also
+    knew the seed's noise could do."""
+    labels = held.labels("quality")
+    return judge_point(held.passed, held.steps, np.where(labels == NEVER, held.steps[0], labels))
+
+
 def sampler_summary(pipe, a, sampler: str) -> dict | None:
-    """Everything measured for one sampler on the held-out captions (None before its held-out labels exist)."""
-    path = table_path(a, "heldout", sampler)
-    if not path.exists():
+    """Everything measured for one sampler on the held-out captions (None before its labels are tuned)."""
+    path, tune = table_path(a, "heldout", sampler), a.out / f"tune-{name(sampler)}.json"
+    if not (path.exists() and tune.exists()):
         return None
-    held, a.sampler = LabelTable.load(path), sampler
-    tune = json.loads((a.out / f"tune-{held.sampler}.json").read_text())
+    held, a.sampler, tune = LabelTable.load(path), sampler, json.loads(tune.read_text())
     predicted = auto_steps(pipe, a, held.prompts)
     out = {"steps": list(held.steps), "captions": len(held.prompts), "train_captions": tune["train"],
            "fixed": fixed_curve(held.passed, held.steps).tolist(), "shipped": tune["shipped"],
            "cost": tune["cost"], "constant": tune["constant"], "predictor": tune["eval"]["predictor"],
+           "predictor_sweep": tune["eval"]["cost_sweep"],
            "constant_point": tune["eval"]["constant"], "auto": judge_point(held.passed, held.steps, predicted),
-           "type_oracle": type_oracle(held)}
-    for quant in ("int8",):
+           "type_oracle": type_oracle(held), "image_oracle": image_oracle(held)}
+    for quant in ("int8",):                      # on its first n held-out captions, fp32 on the same ones beside it
         p8 = table_path(a, "heldout", sampler, quant)
         if p8.exists():
             held8 = LabelTable.load(p8)
-            out[quant] = {"fixed": fixed_curve(held8.passed, held8.steps).tolist(),
-                          "auto": judge_point(held8.passed, held8.steps, predicted)}
+            n, fp32 = len(held8.prompts), held.passed[:len(held8.prompts)]
+            out[quant] = {"captions": n, "fixed": fixed_curve(held8.passed, held8.steps).tolist(),
+                          "auto": judge_point(held8.passed, held8.steps, predicted[:n]),
+                          "fixed_fp32": fixed_curve(fp32, held.steps).tolist(),
+                          "auto_fp32": judge_point(fp32, held.steps, predicted[:n])}
     for quant in ("", "-int8"):
         early = a.out / f"early{quant}-{held.sampler}.json"
         if early.exists():
@@ -244,27 +254,28 @@ def print_tables(summary: dict) -> None:
         print(f"| {s} | " + " | ".join(map(_pct, r["fixed"])) + " |")
     print("\nPredictor vs the fixed curve (mean steps @ accuracy %):\n")
     print("| sampler | fixed 20 | best constant | predictor | fixed steps at its accuracy | saving | beats? | "
-          f"`--steps auto` ships | caption-type oracle | early stop {th} | auto + early stop {th} |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          f"`--steps auto` ships | caption-type oracle | image oracle | early stop {th} | auto + early stop {th} |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s, r in summary.items():
-        p, c, e, o = r["predictor"], r["constant_point"], r.get("early"), r["type_oracle"]
+        p, c, e, o, i = r["predictor"], r["constant_point"], r.get("early"), r["type_oracle"], r["image_oracle"]
         early = (f"{e['fixed20'][th]['mean_steps']:.2f} @ {_pct(e['fixed20'][th]['accuracy'])}",
                  f"{e['auto'][th]['mean_steps']:.2f} @ {_pct(e['auto'][th]['accuracy'])}") if e else ("", "")
         print(f"| {s} | {_pct(p['accuracy_fixed_reference'])} | {r['constant']} @ {_pct(c['accuracy'])} | "
               f"{p['mean_steps']:.2f} @ {_pct(p['accuracy'])} | {p['fixed_steps_same_accuracy']:.2f} | "
               f"{100 * p['saving']:.0f} % | {'yes' if p['beats_fixed'] else 'no'} | "
               f"{'predictor' if r['shipped'] == 'StepPredictor' else 'constant ' + str(r['constant'])} | "
-              f"{o['mean_steps']:.2f} @ {_pct(o['accuracy'])} ({100 * o['saving']:.0f} %) | {early[0]} | {early[1]} |")
+              f"{o['mean_steps']:.2f} @ {_pct(o['accuracy'])} ({100 * o['saving']:.0f} %) | "
+              f"{i['mean_steps']:.2f} @ {_pct(i['accuracy'])} | {early[0]} | {early[1]} |")
     if any("int8" in r for r in summary.values()):
-        print("\nint8 (`quant=\"int8\"`), the same held-out captions (accuracy %):\n")
-        print("| sampler | fixed 20 fp32 | fixed 20 int8 | `--steps auto` fp32 | `--steps auto` int8 | int8 fixed curve "
-              "at the grid |\n|---|---|---|---|---|---|")
+        print("\nint8 (`quant=\"int8\"`) against fp32 on the same held-out captions (accuracy %; fixed curve at "
+              f"{', '.join(map(str, grid))} steps):\n")
+        print("| sampler | captions | runtime | fixed curve | fixed 20 | `--steps auto` |\n|---|---|---|---|---|---|")
         for s, r in summary.items():
             if "int8" in r:
                 i8, ref = r["int8"], grid.index(20)
-                print(f"| {s} | {_pct(r['fixed'][ref])} | {_pct(i8['fixed'][ref])} | {r['auto']['mean_steps']:.2f} @ "
-                      f"{_pct(r['auto']['accuracy'])} | {i8['auto']['mean_steps']:.2f} @ {_pct(i8['auto']['accuracy'])} "
-                      f"| {' / '.join(map(_pct, i8['fixed']))} |")
+                for q, fixed, auto in (("fp32", i8["fixed_fp32"], i8["auto_fp32"]), ("int8", i8["fixed"], i8["auto"])):
+                    print(f"| {s} | {i8['captions']} | {q} | {' / '.join(map(_pct, fixed))} | {_pct(fixed[ref])} | "
+                          f"{auto['mean_steps']:.2f} @ {_pct(auto['accuracy'])} |")
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -274,25 +285,35 @@ def plot(summary: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), sharey=True)
     for ax, (s, r) in zip(axes.flat, summary.items()):
+        best = 100 * np.maximum.accumulate(r["fixed"])
         ax.plot(r["steps"], 100 * np.asarray(r["fixed"]), "o-", color="0.3", ms=3, label="fixed steps")
+        ax.plot(0.75 * np.asarray(r["steps"]), best, "-", color="0.75", lw=4, alpha=0.6, zorder=0,
+                label="target: 25 % fewer steps")
         if "int8" in r:
-            ax.plot(r["steps"], 100 * np.asarray(r["int8"]["fixed"]), "o--", color="0.6", ms=3, label="fixed, int8")
-            ax.plot(r["int8"]["auto"]["mean_steps"], 100 * r["int8"]["auto"]["accuracy"], "*", color="tab:purple",
-                    ms=11, label="auto, int8")
+            i8 = r["int8"]
+            ax.plot(r["steps"], 100 * np.asarray(i8["fixed"]), "o--", color="tab:purple", ms=3, alpha=0.7,
+                    label=f"fixed, int8 (first {i8['captions']})")
+            ax.plot(i8["auto"]["mean_steps"], 100 * i8["auto"]["accuracy"], "*", color="tab:purple", ms=11,
+                    label=f"auto, int8 (first {i8['captions']})")
         p, c = r["auto"], r["constant_point"]
+        sweep = r["predictor_sweep"]
+        ax.plot([v["mean_steps"] for v in sweep], [100 * v["accuracy"] for v in sweep], ".--", color="tab:red",
+                ms=4, alpha=0.6, label="predictor, other costs")
         ax.plot(r["predictor"]["mean_steps"], 100 * r["predictor"]["accuracy"], "*", color="tab:red", ms=13,
-                label="predictor")
+                label="predictor (CV cost)")
         ax.plot(c["mean_steps"], 100 * c["accuracy"], "s", color="tab:blue", ms=7, label="best constant")
+        for key, marker, label in (("type_oracle", "P", "caption-type oracle"), ("image_oracle", "X", "image oracle")):
+            ax.plot(r[key]["mean_steps"], 100 * r[key]["accuracy"], marker, color="0.45", ms=7, label=label)
         if "early" in r:
             for key, colour, label in (("fixed20", "tab:green", "early stop (20)"),
                                        ("auto", "tab:orange", "auto + early stop")):
                 pts = [v for th, v in r["early"][key].items() if th != "0"]
                 ax.plot([v["mean_steps"] for v in pts], [100 * v["accuracy"] for v in pts], "^:", color=colour,
                         ms=5, label=label)
-        ax.set_title(f"{s} (`--steps auto`: {p['mean_steps']:.1f} steps)")
+        ax.set_title(f"{s} (--steps auto: {p['mean_steps']:.1f} steps)")
         ax.set_xlabel("mean steps")
         ax.grid(alpha=0.3)
-        ax.set_ylim(max(0, 100 * min(r["fixed"][2:]) - 5), 100)
+        ax.set_ylim(100 * r["predictor"]["accuracy_fixed_reference"] - 30, 100)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%), 200 held-out captions")
     axes.flat[0].legend(fontsize=7, loc="lower right")

@@ -98,10 +98,14 @@ def _reference(steps: tuple[int, ...]) -> int:
 
 
 def best_constant(passed, steps: tuple[int, ...]) -> int:
-    """The fewest fixed steps whose accuracy is within TOLERANCE of REFERENCE steps' (the prompt-blind rival)."""
-    curve = fixed_curve(passed, steps)
-    floor = curve[_reference(steps)] - TOLERANCE
-    return int(steps[int(np.flatnonzero(curve >= floor - 1e-12)[0])])
+    """The fewest fixed steps whose accuracy is within TOLERANCE of REFERENCE steps' (the prompt-blind rival),
+    up to one standard error of the paired difference (√(prompts right at only one of the two counts) / N): on a
+    few hundred prompts the curve's flat top wobbles by more than a point."""
+    passed = np.asarray(passed, dtype=bool)                                   # (N, K)
+    ref = passed[:, _reference(steps)]
+    diff = passed.mean(0) - ref.mean()                                        # (K,)
+    se = np.sqrt((passed != ref[:, None]).sum(0)) / len(passed)               # (K,)
+    return int(steps[int(np.flatnonzero(diff >= -TOLERANCE - se - 1e-12)[0])])
 
 
 def judge_point(passed, steps: tuple[int, ...], predicted) -> dict:
@@ -154,8 +158,9 @@ def train_from_table(pipe, table, *, kind: str | None = None, tau: float | None 
     With quality labels and cost None, the cost comes from 5-fold cross-validation on the table (choose_cost).
     The error is reported on `eval_table` when given, else on a random `holdout` fraction of the table's prompts
     (left out of training). With quality labels and an `eval_table` with verdicts, the predictor is judged against
-    the fixed curve there (judge_point); when it does not beat it, the result is the best constant of the training
-    prompts instead (ConstantSteps). Returns it and {"train": n, "kind", "tau", "cost", "constant", "eval", ...}."""
+    the fixed curve there (judge_point, also at every cost of COSTS: its curve); when it does not beat it, the result
+    is the best constant of the training prompts instead (ConstantSteps).
+    Returns it and {"train": n, "kind", "tau", "cost", "constant", "eval", ...}."""
     kind = kind or table.kind
     labels = table.labels(kind, tau)
     feats = prompt_features(pipe, table.prompts)
@@ -178,6 +183,8 @@ def train_from_table(pipe, table, *, kind: str | None = None, tau: float | None 
         report["eval"] = evaluate_predictor(model, eval_feats, eval_table.labels(kind, tau))
         if kind == "quality" and eval_table.passed is not None:
             report["eval"]["predictor"] = judge_point(eval_table.passed, eval_table.steps, model.predict_steps(eval_feats))
+            report["eval"]["cost_sweep"] = [{"cost": c, **judge_point(eval_table.passed, eval_table.steps,
+                                                                      model.predict_steps(eval_feats, c))} for c in COSTS]
             report["eval"]["constant"] = judge_point(eval_table.passed, eval_table.steps,
                                                      [report["constant"]] * len(eval_table.prompts))
             if not report["eval"]["predictor"]["beats_fixed"]:
