@@ -161,11 +161,11 @@ def cmd_timing(a) -> None:
     prompts = captions("heldout", a.n)
     runs = {f"{steps_} {q}": (q, steps_) for q in pipes for steps_ in ("fixed 20", "auto")}
     times, steps = {k: [] for k in runs}, {k: [] for k in runs}
-    for i, p in enumerate(["warm-up", *prompts]):              # the first round warms up (int8 compiles) and is not counted
+    for i, p in enumerate([prompts[0], *prompts]):          # round 0 warms up (int8 compiles) and is not counted
         for k, (q, setting) in runs.items():
             t0 = time.perf_counter()
-            r = pipes[q].generate(p, steps=20 if setting == "fixed 20" else "auto", seed=i, sampler=a.sampler,
-                                  guidance=a.guidance)
+            r = pipes[q].generate(p, steps=20 if setting == "fixed 20" else "auto", seed=max(i - 1, 0),
+                                  sampler=a.sampler, guidance=a.guidance)
             if i:
                 times[k].append(time.perf_counter() - t0)
                 steps[k].append(r.steps)

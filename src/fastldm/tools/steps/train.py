@@ -152,42 +152,47 @@ def evaluate_predictor(model: StepPredictor, features: torch.Tensor, labels, cos
 
 
 def train_from_table(pipe, table, *, kind: str | None = None, tau: float | None = None, cost: float | None = None,
-                     holdout: float = 0.2, eval_table=None, seed: int = 0
+                     holdout: float = 0.2, eval_table=None, seed: int = 0, **fit
                      ) -> tuple[StepPredictor | ConstantSteps, dict]:
-    """Train on a LabelTable with the features of `pipe`'s text encoder(s); `kind` None: the table's.
+    """Train on a LabelTable with the features of `pipe`'s text encoder(s); `kind` None: the table's; `fit`:
+    train_step_predictor's settings (hidden, l2, ...).
     With quality labels and cost None, the cost comes from 5-fold cross-validation on the table (choose_cost).
     The error is reported on `eval_table` when given, else on a random `holdout` fraction of the table's prompts
     (left out of training). With quality labels and an `eval_table` with verdicts, the predictor is judged against
     the fixed curve there (judge_point, also at every cost of COSTS: its curve); when it does not beat it, the result
     is the best constant of the training prompts instead (ConstantSteps).
-    Returns it and {"train": n, "kind", "tau", "cost", "constant", "eval", ...}."""
+    Returns it and {"train": n, "kind", "tau" (ssim), "cost", "constant", "eval", "fallback" (why), ...}."""
     kind = kind or table.kind
     labels = table.labels(kind, tau)
     feats = prompt_features(pipe, table.prompts)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_eval = 0 if eval_table is not None else int(round(holdout * len(labels)))
     train, held = order[n_eval:], order[:n_eval]
-    report = {"train": len(train), "kind": kind, "tau": table.tau if tau is None else tau}
+    report = {"train": len(train), "kind": kind}
+    if kind == "ssim":
+        report["tau"] = table.tau if tau is None else tau
     if kind == "quality":
         passed = np.asarray(table.passed)[train]
         report["constant"] = best_constant(passed, table.steps)
         if cost is None:
-            done = out_of_fold(feats[train], labels[train], table.steps, table.sampler, seed=seed)
+            done = out_of_fold(feats[train], labels[train], table.steps, table.sampler, seed=seed, **fit)
             cost, report["cost_sweep"] = choose_cost(done, passed, table.steps)
     report["cost"] = cost = COSTS[6] if cost is None else cost
     model = train_step_predictor(feats[train], labels[train], table.steps, table.sampler, kind=kind, cost=cost,
-                                 seed=seed)
+                                 seed=seed, **fit)
     model.constant = report.get("constant")
     if eval_table is not None:
         eval_feats = prompt_features(pipe, eval_table.prompts)
         report["eval"] = evaluate_predictor(model, eval_feats, eval_table.labels(kind, tau))
         if kind == "quality" and eval_table.passed is not None:
-            report["eval"]["predictor"] = judge_point(eval_table.passed, eval_table.steps, model.predict_steps(eval_feats))
-            report["eval"]["cost_sweep"] = [{"cost": c, **judge_point(eval_table.passed, eval_table.steps,
-                                                                      model.predict_steps(eval_feats, c))} for c in COSTS]
-            report["eval"]["constant"] = judge_point(eval_table.passed, eval_table.steps,
-                                                     [report["constant"]] * len(eval_table.prompts))
+            passed, grid = eval_table.passed, eval_table.steps
+            report["eval"]["predictor"] = judge_point(passed, grid, model.predict_steps(eval_feats))
+            report["eval"]["cost_sweep"] = [{"cost": c, **judge_point(passed, grid, model.predict_steps(eval_feats, c))}
+                                            for c in COSTS]
+            report["eval"]["constant"] = judge_point(passed, grid, [report["constant"]] * len(eval_table.prompts))
             if not report["eval"]["predictor"]["beats_fixed"]:
+                report["fallback"] = (f"the predictor did not beat fixed steps on the {len(eval_table.prompts)} "
+                                      f"held-out prompts: {report['constant']} steps for every prompt")
                 return ConstantSteps(report["constant"], table.sampler, kind, table.steps), report
     elif n_eval:
         report["eval"] = evaluate_predictor(model, feats[held], labels[held])
