@@ -245,27 +245,43 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _point(v: dict) -> str:
+    return f"{v['mean_steps']:.2f} @ {_pct(v['accuracy'])}"
+
+
+def _needed(v: dict) -> str:
+    return "none as accurate" if v["fixed_steps_same_accuracy"] is None else f"{v['fixed_steps_same_accuracy']:.2f}"
+
+
+def _saving(v: dict) -> str:
+    return "above the curve" if v["saving"] is None else f"{100 * v['saving']:.0f} %"
+
+
 def print_tables(summary: dict) -> None:
-    th = f"{DEFAULT_THRESHOLD:g}"
     grid = next(iter(summary.values()))["steps"]
     print("Fixed step counts, accuracy (%) on the held-out captions:\n")
-    print("| sampler | " + " | ".join(map(str, grid)) + " |\n|---|" + "---|" * len(grid))
+    print("| sampler | captions | " + " | ".join(map(str, grid)) + " |\n|---|---|" + "---|" * len(grid))
     for s, r in summary.items():
-        print(f"| {s} | " + " | ".join(map(_pct, r["fixed"])) + " |")
-    print("\nPredictor vs the fixed curve (mean steps @ accuracy %):\n")
-    print("| sampler | fixed 20 | best constant | predictor | fixed steps at its accuracy | saving | beats? | "
-          f"`--steps auto` ships | caption-type oracle | image oracle | early stop {th} | auto + early stop {th} |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| {s} | {r['captions']} | " + " | ".join(map(_pct, r["fixed"])) + " |")
+    print("\nPredictor vs the fixed curve (mean steps @ accuracy %; saving: 1 - its steps / the fixed steps reaching "
+          "its accuracy):\n")
+    print("| sampler | fixed 20 | best constant (train) | predictor (CV cost) | fixed steps at its accuracy | saving | "
+          "beats? | `--steps auto` ships | caption-type oracle (saving) | image oracle |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for s, r in summary.items():
-        p, c, e, o, i = r["predictor"], r["constant_point"], r.get("early"), r["type_oracle"], r["image_oracle"]
-        early = (f"{e['fixed20'][th]['mean_steps']:.2f} @ {_pct(e['fixed20'][th]['accuracy'])}",
-                 f"{e['auto'][th]['mean_steps']:.2f} @ {_pct(e['auto'][th]['accuracy'])}") if e else ("", "")
+        p, c, o, i = r["predictor"], r["constant_point"], r["type_oracle"], r["image_oracle"]
         print(f"| {s} | {_pct(p['accuracy_fixed_reference'])} | {r['constant']} @ {_pct(c['accuracy'])} | "
-              f"{p['mean_steps']:.2f} @ {_pct(p['accuracy'])} | {p['fixed_steps_same_accuracy']:.2f} | "
-              f"{100 * p['saving']:.0f} % | {'yes' if p['beats_fixed'] else 'no'} | "
+              f"{_point(p)} | {_needed(p)} | {_saving(p)} | {'yes' if p['beats_fixed'] else 'no'} | "
               f"{'predictor' if r['shipped'] == 'StepPredictor' else 'constant ' + str(r['constant'])} | "
-              f"{o['mean_steps']:.2f} @ {_pct(o['accuracy'])} ({100 * o['saving']:.0f} %) | "
-              f"{i['mean_steps']:.2f} @ {_pct(i['accuracy'])} | {early[0]} | {early[1]} |")
+              f"{_point(o)} ({_saving(o)}) | {_point(i)} |")
+    if any("early" in r for r in summary.values()):
+        ths = [th for th in next(r for r in summary.values() if "early" in r)["early"]["fixed20"] if th != "0"]
+        print("\nEarly stop (mean steps @ accuracy %) by threshold, from fixed 20 and from `--steps auto`:\n")
+        print("| sampler | start | " + " | ".join(ths) + " |\n|---|---|" + "---|" * len(ths))
+        for s, r in summary.items():
+            for key, start in (("fixed20", "fixed 20"), ("auto", "`--steps auto`")):
+                if "early" in r:
+                    print(f"| {s} | {start} | " + " | ".join(_point(r["early"][key][th]) for th in ths) + " |")
     if any("int8" in r for r in summary.values()):
         print("\nint8 (`quant=\"int8\"`) against fp32 on the same held-out captions (accuracy %; fixed curve at "
               f"{', '.join(map(str, grid))} steps):\n")

@@ -218,8 +218,9 @@ def steps_train(model, tables, eval_labels, kind, tau, cost, holdout, out) -> No
                           f"{e['mean_label']:.1f} steps" if e else ""))
             if e and "predictor" in e:
                 p, c = e["predictor"], e["constant"]
+                needed = p["fixed_steps_same_accuracy"]
                 click.echo(f"  predictor {p['mean_steps']:.1f} steps at {100 * p['accuracy']:.1f}% (fixed steps for "
-                           f"that: {p['fixed_steps_same_accuracy']:.1f}); constant {report['constant']} at "
+                           f"that: {'none' if needed is None else f'{needed:.1f}'}); constant {report['constant']} at "
                            f"{100 * c['accuracy']:.1f}%; fixed 20 {100 * p['accuracy_fixed_reference']:.1f}% -> saved "
                            + ("the predictor" if p["beats_fixed"] else f"the constant {report['constant']}"))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:

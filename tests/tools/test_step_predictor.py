@@ -54,6 +54,9 @@ def test_fixed_curve_and_the_target_check():
     passed = np.asarray(GRID)[None] >= first_right[:, None]                    # (10, 6)
     assert steps_to_reach(passed.mean(0), GRID, 0.65) == pytest.approx(5.0)    # half-way from 4 (0.5) to 6 (0.8)
     assert steps_to_reach(passed.mean(0), GRID, 0.95) == float("inf")
+    # one prompt right only at 2 steps, one only at 20: every fixed count gets half, picking each its own gets all
+    above = judge_point(np.array([GRID]) == np.array([[2], [20]]), GRID, [2, 20])
+    assert above["accuracy"] == 1.0 and above["fixed_steps_same_accuracy"] is None and above["saving"] is None
     assert best_constant(np.tile(passed, (10, 1)), GRID) == 8                 # within 1 point of fixed 20 ...
     assert best_constant(passed, GRID) == 6          # ... up to the noise: 6 misses one prompt of 10 (SE 0.1)
     oracle = np.where(first_right > 20, 2, first_right)                       # each prompt at its own label

@@ -110,18 +110,18 @@ def best_constant(passed, steps: tuple[int, ...]) -> int:
 
 def judge_point(passed, steps: tuple[int, ...], predicted) -> dict:
     """A setting's point against the fixed curve of the same verdict matrix (N, K): its mean steps and accuracy,
-    fixed REFERENCE's accuracy, the fixed steps reaching its accuracy, and whether it beats the curve (TOLERANCE,
-    SAVING)."""
+    fixed REFERENCE's accuracy, the fixed steps reaching its accuracy and the fraction of them it saves (None when
+    no fixed count is as accurate), and whether it beats the curve (TOLERANCE, SAVING)."""
     passed, grid = np.asarray(passed, dtype=bool), list(steps)
     predicted = np.asarray(predicted)
     acc = float(passed[np.arange(len(passed)), [grid.index(int(s)) for s in predicted]].mean())
     curve = fixed_curve(passed, steps)
     reference = float(curve[_reference(steps)])
     needed = steps_to_reach(curve, steps, acc)
-    mean = float(predicted.mean())
-    return {"mean_steps": mean, "accuracy": acc, "accuracy_fixed_reference": reference, "fixed_steps_same_accuracy":
-            needed, "saving": 1 - mean / needed, "beats_fixed": bool(acc >= reference - TOLERANCE - 1e-12
-                                                                     and mean <= (1 - SAVING) * needed)}
+    mean, above = float(predicted.mean()), needed == float("inf")          # above: no fixed count is as accurate
+    return {"mean_steps": mean, "accuracy": acc, "accuracy_fixed_reference": reference,
+            "fixed_steps_same_accuracy": None if above else needed, "saving": None if above else 1 - mean / needed,
+            "beats_fixed": bool(acc >= reference - TOLERANCE - 1e-12 and mean <= (1 - SAVING) * needed)}
 
 
 def choose_cost(done: torch.Tensor, passed, steps: tuple[int, ...]) -> tuple[float, list[dict]]:
@@ -130,7 +130,8 @@ def choose_cost(done: torch.Tensor, passed, steps: tuple[int, ...]) -> tuple[flo
     new set of prompts), the one saving the largest fraction of the fixed curve's steps; else the most accurate."""
     rows = [{"cost": c, **judge_point(passed, steps, decide(done, steps, c))} for c in COSTS]
     ok = [r for r in rows if r["accuracy"] >= r["accuracy_fixed_reference"] - TOLERANCE / 2 - 1e-12]
-    best = max(ok, key=lambda r: r["saving"]) if ok else max(rows, key=lambda r: r["accuracy"])
+    best = (max(ok, key=lambda r: 1.0 if r["saving"] is None else r["saving"]) if ok
+            else max(rows, key=lambda r: r["accuracy"]))
     return best["cost"], rows
 
 
