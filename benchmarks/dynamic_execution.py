@@ -43,7 +43,7 @@ from fastldm.runtime.step_predictor import load_predictor_file, predictor_path
 from fastldm.samplers import resolve_sampler
 from fastldm.tools.shapes.captions import parse_caption, random_caption
 from fastldm.tools.steps.labels import NEVER, LabelTable, build_label_table, render, shapes_judge
-from fastldm.tools.steps.train import TOLERANCE, fixed_curve, judge_point, train_from_table
+from fastldm.tools.steps.train import TOLERANCE, fixed_curve, judge_point, steps_to_reach, train_from_table
 
 SAMPLERS = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "UniPC")
 THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.08)
@@ -236,9 +236,16 @@ def sampler_summary(pipe, a, sampler: str) -> dict | None:
         early = a.out / f"early{quant}-{held.sampler}.json"
         if early.exists():
             e = json.loads(early.read_text())
-            out[f"early{quant}"] = {k: {th: {m: v[m] for m in ("mean_steps", "accuracy")} for th, v in e[k].items()}
-                                    for k in ("fixed20", "auto")}
+            curve = fixed_curve(held.passed[:e["captions"]], held.steps)        # the same captions' fixed curve
+            out[f"early{quant}"] = {"captions": e["captions"], "fixed_curve": curve.tolist()} | {
+                k: {th: {"mean_steps": v["mean_steps"], "accuracy": v["accuracy"],
+                         "fixed_steps_same_accuracy": _finite(steps_to_reach(curve, held.steps, v["accuracy"]))}
+                    for th, v in e[k].items()} for k in ("fixed20", "auto")}
     return out
+
+
+def _finite(x: float) -> float | None:
+    return x if np.isfinite(x) else None
 
 
 def _pct(x: float) -> str:
@@ -250,7 +257,7 @@ def _point(v: dict) -> str:
 
 
 def _needed(v: dict) -> str:
-    return "none as accurate" if v["fixed_steps_same_accuracy"] is None else f"{v['fixed_steps_same_accuracy']:.2f}"
+    return "none as accurate" if v["fixed_steps_same_accuracy"] is None else f"{v['fixed_steps_same_accuracy']:.1f}"
 
 
 def _saving(v: dict) -> str:
@@ -276,12 +283,15 @@ def print_tables(summary: dict) -> None:
               f"{_point(o)} ({_saving(o)}) | {_point(i)} |")
     if any("early" in r for r in summary.values()):
         ths = [th for th in next(r for r in summary.values() if "early" in r)["early"]["fixed20"] if th != "0"]
-        print("\nEarly stop (mean steps @ accuracy %) by threshold, from fixed 20 and from `--steps auto`:\n")
-        print("| sampler | start | " + " | ".join(ths) + " |\n|---|---|" + "---|" * len(ths))
+        print("\nEarly stop by threshold, from fixed 20 and from `--steps auto`: mean steps @ accuracy % (the fixed "
+              "steps reaching that accuracy on the same captions):\n")
+        print("| sampler | captions | start | " + " | ".join(ths) + " |\n|---|---|---|" + "---|" * len(ths))
         for s, r in summary.items():
             for key, start in (("fixed20", "fixed 20"), ("auto", "`--steps auto`")):
                 if "early" in r:
-                    print(f"| {s} | {start} | " + " | ".join(_point(r["early"][key][th]) for th in ths) + " |")
+                    e = r["early"]
+                    print(f"| {s} | {e['captions']} | {start} | " + " | ".join(
+                        f"{_point(e[key][th])} ({_needed(e[key][th])})" for th in ths) + " |")
     if any("int8" in r for r in summary.values()):
         print("\nint8 (`quant=\"int8\"`) against fp32 on the same held-out captions (accuracy %; fixed curve at "
               f"{', '.join(map(str, grid))} steps):\n")
@@ -326,15 +336,18 @@ def plot(summary: dict, path: Path) -> None:
                 pts = [v for th, v in r["early"][key].items() if th != "0"]
                 ax.plot([v["mean_steps"] for v in pts], [100 * v["accuracy"] for v in pts], "^:", color=colour,
                         ms=5, label=label)
-        ax.set_title(f"{s} (--steps auto: {p['mean_steps']:.1f} steps)")
+        ax.set_title(f"{s}, {r['captions']} captions (--steps auto: {p['mean_steps']:.1f})", fontsize=10)
         ax.set_xlabel("mean steps")
         ax.grid(alpha=0.3)
         ax.set_ylim(100 * r["predictor"]["accuracy_fixed_reference"] - 30, 100)
     for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy (%), 200 held-out captions")
-    axes.flat[0].legend(fontsize=7, loc="lower right")
+        ax.set_ylabel("accuracy (%), held-out captions")
+    handles = {}                                     # every kind of mark once, in the spare panel
+    for ax in axes.flat:
+        handles |= dict(zip(*reversed(ax.get_legend_handles_labels())))
     for ax in list(axes.flat)[len(summary):]:
         ax.axis("off")
+    axes.flat[-1].legend(handles.values(), handles.keys(), fontsize=9, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
