@@ -9,7 +9,7 @@ Model (`StepPredictor`), ordinal (a cumulative-link model, McCullagh 1980): stan
 to one difficulty d per prompt, and P(label <= k) = F(k) = sigmoid(θ_k - d) with increasing cut-points θ over the
 label grid; what lies above the last one is NEVER (a judged prompt that no count of the grid makes right). One
 number per prompt instead of a distribution over the grid: labels are few and noisy (one seed per prompt), and a
-harder prompt needs more steps with every sampler. Trained by the labels' likelihood.
+harder prompt is taken to be less likely done at every count. Trained by the labels' likelihood.
 Decision: a prompt gets the count k of the grid that maximises F(k) - cost·k: one more step must raise the chance
 of a finished image by at least `cost`. Where more steps buy little (the prompt is done early, or likely NEVER)
 it stops early; `cost` is chosen by cross-validation on the training prompts (tools/steps/train.py) and saved
@@ -101,9 +101,13 @@ class StepPredictor(nn.Module):
         """(N,) difficulty."""
         return self.out(F.gelu(self.hidden((features - self.mean) / self.std)))[:, 0]
 
+    def cumulative(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, K) F(k) = P(label <= k) at each count of the grid (differentiable)."""
+        return torch.sigmoid(self.cut_points()[None] - self(features.float())[:, None])
+
     def label_probs(self, features: torch.Tensor) -> torch.Tensor:
         """(N, K + 1) P(label = k) over the grid and NEVER (last)."""
-        done = torch.sigmoid(self.cut_points()[None] - self(features.float())[:, None])    # (N, K)
+        done = self.cumulative(features)                                                  # (N, K)
         ones = torch.ones_like(done[:, :1])
         return torch.diff(torch.cat([0 * ones, done, ones], dim=1), dim=1)                 # (N, K + 1)
 
@@ -113,7 +117,7 @@ class StepPredictor(nn.Module):
     @torch.no_grad()
     def done_by(self, features: torch.Tensor) -> torch.Tensor:
         """(N, K) F(k): the predicted probability that the prompt's image is done by each count of the grid."""
-        return torch.sigmoid(self.cut_points()[None] - self(features.float())[:, None])
+        return self.cumulative(features)
 
     def buckets(self, features: torch.Tensor, cost: float | None = None) -> torch.Tensor:
         """(N,) index into `steps` of the count maximising F(k) - cost·k (default cost: the saved one); ties go to
