@@ -170,3 +170,27 @@ def test_cli_steps_label_and_train(folder, tmp_path):
     assert res.exit_code == 0, res.output
     assert "held-out (8)" in res.output
     assert load_predictor_file(tmp_path / "pred" / "euler.safetensors").sampler == "euler"
+
+
+def test_cli_steps_train_falls_back_to_the_best_constant(folder, tmp_path):
+    """Quality labels the prompt cannot explain (the seed decides): the predictor cannot beat fixed steps on the
+    held-out table, so the file holds the best constant and says so."""
+    rng = np.random.default_rng(3)
+    from fastldm.tools.shapes import random_caption
+    grid = (2, 4, 8, 20)
+
+    def table(n):                                 # each image right from a random count on: 2, 4 or 8
+        first = rng.choice([2, 4, 8], size=n)
+        passed = (np.asarray(grid)[None] >= first[:, None]).tolist()
+        prompts = [random_caption(rng) for _ in range(n)]
+        return LabelTable("tiny", "euler", None, 7.5, 16, 16, grid, 0.9, prompts, list(range(n)),
+                          [[1.0] * len(grid)] * n, passed)
+
+    table(60).save(tmp_path / "train.json")
+    table(40).save(tmp_path / "held.json")
+    res = CliRunner().invoke(main, ["steps", "train", "--model", str(folder), "--labels", str(tmp_path / "train.json"),
+                                    "--eval-labels", str(tmp_path / "held.json"), "--out", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    assert "saved the constant 8" in res.output
+    saved = load_predictor_file(tmp_path / "pred" / "euler.safetensors")
+    assert saved.predict_steps(saved.prompt_features(None, ["a red cube"])) == [8] and "fallback" in saved.info
