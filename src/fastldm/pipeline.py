@@ -49,6 +49,7 @@ class Pipeline:
         self.family, self.variants = family_of(config), variants_of(config)
         self.kernels = kernels or Kernels()      # this pipeline's backend selection and kernel caches
         self.unet_runtime = UNetRuntime(self.unet)
+        self.runtime_choice = None               # runtime.tuning.RuntimeChoice when load measured the CPU
 
     def kernels_active(self):
         """A context in which ops dispatch with this pipeline's kernel selection (ops.registry.using)."""
