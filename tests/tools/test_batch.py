@@ -159,3 +159,10 @@ def test_ray_without_ray_installed_says_how_to_install(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["batch", str(_write(tmp_path / "p.txt", ["a"])), "--ray"])
     assert res.exit_code == 5
     assert res.output.strip().splitlines() == ['Error: Ray is not installed: pip install "fastldm[ray]"']
+
+
+def test_ray_with_a_bad_model_path_fails_before_starting_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    res = CliRunner().invoke(main, ["batch", str(_write(tmp_path / "p.txt", ["a"])), "--ray", "--model",
+                                    str(tmp_path / "missing")])
+    assert res.exit_code == 3 and "no such file or folder" in res.output and not ray.is_initialized()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import BackendUnavailable
+from ..loading.load import read_config
 from .batch import Engine, Item, Outcome, render
 
 LOCAL_OBJECT_STORE = 256 << 20   # bytes; a local instance's object store (Ray's default takes 30 % of RAM)
@@ -98,6 +99,8 @@ def engine(model: str | Path, load_options: Mapping[str, Any] | None = None, *, 
     def run(items: list[Item]) -> Iterator[Outcome]:
         if not items:
             return
+        if address is None:   # the actors will run here: a bad model path is one error now, not each actor's
+            read_config(model)
         ours = connect(ray, address, workers * cpus_per_worker, workers * gpus_per_worker)
         try:
             # One block per actor call: its results come back when it ends (Ray Data's default, at least 200
