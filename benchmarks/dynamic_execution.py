@@ -125,20 +125,21 @@ def early_stop_points(pipe, a, prompts: list[str], counts: list[int]) -> dict[st
         members = [i for i, c in enumerate(counts) if c == count]
         for start in range(0, len(members), a.batch):
             chunk = members[start:start + a.batch]
-            record = []                                                   # per step: (x0 estimate, σ_next)
-            keep = record.append
+            records = [[] for _ in chunk]                                 # per prompt, per step: (x0, σ_next)
             final = render(pipe, [prompts[i] for i in chunk], chunk, count, a.sampler, guidance=a.guidance,
-                           callback=lambda info, keep=keep: keep((info["denoised"].clone(), float(info["sigma_next"]))))
+                           callbacks=[lambda info, keep=r.append: keep((info["denoised"].clone(),
+                                                                          float(info["sigma_next"])))
+                                      for r in records])
             for b, i in enumerate(chunk):
-                es = EarlyStop(0.0)
+                es, record = EarlyStop(0.0), records[b]
                 for denoised, sigma_next in record:                       # δ of prompt i alone, step by step
-                    es({"denoised": denoised[b:b + 1], "sigma_next": sigma_next})
+                    es({"denoised": denoised, "sigma_next": sigma_next})
                 images = {}
                 for th in steps_run:
                     j = next((j for j, (d, (_, s)) in enumerate(zip(es.deltas, record)) if d < th and s > 0),
                              len(record) - 1)
                     if j not in images:
-                        images[j] = final[b] if j == len(record) - 1 else pipe.decode(record[j][0][b:b + 1])[0]
+                        images[j] = final[b] if j == len(record) - 1 else pipe.decode(record[j][0])[0]
                     steps_run[th][i], passed[th][i] = j + 1, shapes_judge(prompts[i], images[j])
         print(f"{count} steps: {len(members)} prompts", flush=True)
     return {f"{th:g}": {"mean_steps": float(steps_run[th].mean()), "accuracy": float(passed[th].mean()),

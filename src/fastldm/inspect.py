@@ -8,8 +8,8 @@ import torch
 
 from .families import family_of, variants_of
 from .loading.detect import detect_single_file
-from .loading.load import _MODELS, _component_files, _folder_config, _read_json
-from .loading.safetensors_io import PICKLE_SUFFIXES, CheckpointError, load_pickle, read_header, read_headers
+from .loading.load import _MODELS, _component_files, read_config
+from .loading.safetensors_io import PICKLE_SUFFIXES, load_pickle, read_header, read_headers
 
 
 def _params(component: str, config) -> int:
@@ -19,28 +19,22 @@ def _params(component: str, config) -> int:
 
 def describe(path: str | Path, allow_pickle: bool = False) -> str:
     path = Path(path).expanduser()
+    config = read_config(path)             # None for a pickle file: its names need unpickling
+    dtypes = Counter()
     if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "
-                                  f".safetensors file")
-        config = _folder_config(path, _read_json(path / "model_index.json"))
-        dtypes = Counter()
         for comp in ("text_encoder", "text_encoder_2", "unet", "vae"):
             if (path / comp).is_dir():
                 files = _component_files(path, comp, None)
                 if files[0].suffix not in PICKLE_SUFFIXES:
                     dtypes.update(i.dtype for i in read_headers(files).values())
         kind = "diffusers folder"
+    elif config is None:
+        sd, meta = load_pickle(path, allow_pickle)
+        dtypes.update(str(v.dtype).removeprefix("torch.") for v in sd.values())
+        config = detect_single_file({k: tuple(v.shape) for k, v in sd.items()}, meta)
+        kind = "single file"
     else:
-        if path.suffix in PICKLE_SUFFIXES:
-            sd, meta = load_pickle(path, allow_pickle)
-            shapes = {k: tuple(v.shape) for k, v in sd.items()}
-            dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values())
-        else:
-            infos, meta = read_header(path)
-            shapes = {k: i.shape for k, i in infos.items()}
-            dtypes = Counter(i.dtype for i in infos.values())
-        config = detect_single_file(shapes, meta)
+        dtypes.update(i.dtype for i in read_header(path)[0].values())
         kind = "single file"
     comps = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2,
              "unet": config.unet, "vae": config.vae}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastldm.errors import StepPredictorMissing
-from fastldm.runtime.step_predictor import (ConstantSteps, StepPredictor, load_predictor_file, load_step_predictor,
+from fastldm.runtime.step_predictor import (ConstantSteps, StepPredictor, StepPredictors, load_predictor_file,
                                             predictor_path, step_range)
 from fastldm.samplers import resolve_sampler
 from fastldm.tools.steps.labels import NEVER, LabelTable, quality_labels
@@ -126,11 +126,11 @@ def test_constant_fallback(tmp_path):
     assert const.prompt_features(None, ["a", "b"]).shape == (2, 0)          # no text encoder needed
     assert const.predict_steps(torch.zeros(3, 0)) == [7, 7, 7]
     path = const.save(predictor_path(tmp_path, "euler"), reason="the predictor did not beat fixed steps")
-    loaded = load_step_predictor(tmp_path, resolve_sampler("Euler"))
+    loaded = StepPredictors(tmp_path).get(resolve_sampler("Euler"))
     assert isinstance(loaded, ConstantSteps) and loaded.constant == 7 and loaded.grid == GRID
     assert loaded.info == {"reason": "the predictor did not beat fixed steps"} and path.stat().st_size < 1000
     with pytest.raises(StepPredictorMissing, match="no step predictor for sampler Heun"):
-        load_step_predictor(tmp_path, resolve_sampler("Heun"))
+        StepPredictors(tmp_path).get(resolve_sampler("Heun"))
 
 
 def test_paths_and_loaded_once_per_file_version(tmp_path):
@@ -140,9 +140,9 @@ def test_paths_and_loaded_once_per_file_version(tmp_path):
     x, y = _synthetic(40)
     path = predictor_path(tmp_path, "euler")
     train_step_predictor(x, y, GRID, "euler", epochs=5).save(path)
-    spec = resolve_sampler("Euler")
-    first = load_step_predictor(tmp_path, spec)
-    assert load_step_predictor(tmp_path, spec) is first
+    spec, predictors = resolve_sampler("Euler"), StepPredictors(tmp_path)
+    first = predictors.get(spec)
+    assert predictors.get(spec) is first
     train_step_predictor(x, y, GRID, "euler", epochs=5, hidden=8).save(path)  # another size: a new version
-    second = load_step_predictor(tmp_path, spec)
+    second = predictors.get(spec)
     assert second is not first and second.hidden.out_features == 8

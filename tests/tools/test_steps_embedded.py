@@ -6,7 +6,7 @@ import pytest
 
 import fastldm
 from fastldm.api import EMBEDDED_MODEL
-from fastldm.runtime.step_predictor import ConstantSteps, load_step_predictor
+from fastldm.runtime.step_predictor import ConstantSteps, StepPredictors
 from fastldm.samplers import resolve_sampler
 
 SAMPLERS = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "UniPC")
@@ -25,7 +25,7 @@ def pipe():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_steps_auto_out_of_the_box(pipe, sampler):
     spec = resolve_sampler(sampler)
-    predictor = load_step_predictor(EMBEDDED_MODEL, spec)
+    predictor = StepPredictors(EMBEDDED_MODEL).get(spec)
     assert predictor.sampler == spec.name and predictor.kind == "quality"
     assert {"constant", "eval"} <= set(predictor.info)                        # the fallback and held-out results
     features = predictor.prompt_features(pipe, [PROMPT])

@@ -24,8 +24,8 @@ constant and, in `info`, how it was trained and its held-out results.
 """
 from __future__ import annotations
 
-import functools
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -196,23 +196,31 @@ def predictor_path(model_source: str | Path, sampler: str) -> Path:
     return folder / f"{sampler}.safetensors"
 
 
-def load_step_predictor(model_source: str | Path | None, spec) -> StepPredictor | ConstantSteps:
-    """The predictor (or constant fallback) saved next to the model for sampler `spec` (a SamplerSpec)."""
-    if model_source is None:
-        raise ValueError("steps='auto' needs a model loaded from disk (its step predictor lies next to it); "
-                         "give a number of steps")
-    path = predictor_path(model_source, spec.name)
-    if not path.exists():
-        have = sorted(p.stem for p in path.parent.glob("*.safetensors"))
-        raise StepPredictorMissing(f"no step predictor for sampler {spec.label} at {path} (have: "
-                                   f"{', '.join(have) or 'none'}); give a number of steps, or build one with "
-                                   "`fastldm steps label` and `fastldm steps train`")
-    st = path.stat()
-    return _load_cached(path.resolve(), st.st_mtime_ns, st.st_size)
+class StepPredictors:
+    """The step predictors saved next to one model (a folder or file, `predictor_path`), each read once per
+    file version (path, mtime, size: a rewritten file is read again) and kept in a bounded LRU. A Pipeline
+    owns one; `steps="auto"` asks it on every request."""
 
+    def __init__(self, model_source: str | Path | None, max_entries: int = 16):
+        self.source, self.max_entries = model_source, max_entries
+        self._entries: OrderedDict[tuple, StepPredictor | ConstantSteps] = OrderedDict()
 
-@functools.lru_cache(maxsize=16)
-def _load_cached(path: Path, mtime_ns: int, size: int) -> StepPredictor | ConstantSteps:
-    """Read once per file version: `steps="auto"` asks on every request, and a rewritten file (new mtime
-    or size) is read again."""
-    return load_predictor_file(path)
+    def get(self, spec) -> StepPredictor | ConstantSteps:
+        """The predictor (or constant fallback) for sampler `spec` (a SamplerSpec)."""
+        if self.source is None:
+            raise StepPredictorMissing("steps='auto' needs a model loaded from disk (its step predictor lies next "
+                                       "to it); give a number of steps")
+        path = predictor_path(self.source, spec.name)
+        if not path.exists():
+            have = sorted(p.stem for p in path.parent.glob("*.safetensors"))
+            raise StepPredictorMissing(f"no step predictor for sampler {spec.label} at {path} (have: "
+                                       f"{', '.join(have) or 'none'}); give a number of steps, or build one with "
+                                       "`fastldm steps label` and `fastldm steps train`")
+        st = path.stat()
+        key = (path.resolve(), st.st_mtime_ns, st.st_size)
+        if key not in self._entries:
+            self._entries[key] = load_predictor_file(path)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return self._entries[key]

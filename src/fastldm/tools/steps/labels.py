@@ -24,8 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...denoiser import Denoiser
-from ...samplers import randn, resolve_sampler, sample
+from ...request import GenerationRequest
+from ...run import run
+from ...samplers import resolve_sampler
 from ..ssim import ssim
 
 # Every count up to 8, where most judged labels lie on the embedded model (docs/benchmarks.md), then 10, 12, 16 and
@@ -113,24 +114,17 @@ def shapes_judge(prompt: str, raw: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def render(pipe, prompts: list[str], seeds: list[int], steps: int, sampler: str = "DPM++ 2M",
+def render(pipe, prompts: list[str], seeds: list[int], steps: int | list[int], sampler: str = "DPM++ 2M",
            scheduler: str | None = None, guidance: float | None = None, width: int | None = None,
-           height: int | None = None, conditioning=None, callback=None) -> np.ndarray:
-    """A batch of txt2img images, prompt i from seed i -> (B, H, W, C) float32 in [0, 1].
-    `conditioning`: pipe.conditioning(...)'s result for these prompts, to encode them once for several runs.
-    guidance None: the model's default. `callback`: the sampler's per-step callback (samplers.sample)."""
-    spec = resolve_sampler(sampler, scheduler)
-    guidance = pipe.config.default_guidance if guidance is None else guidance
-    width, height = width or pipe.config.default_size, height or pipe.config.default_size
-    cond, uncond = conditioning or pipe.conditioning(prompts, "", guidance, width, height)
-    f = pipe.config.vae_scale
-    shape = (1, pipe.config.unet.out_channels, height // f, width // f)
-    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.cat([randn(shape, g, pipe.device, torch.float32) for g in gens])   # (B, C, h, w)
-    denoiser = Denoiser(pipe.unet, pipe.schedule, cond, uncond, guidance,
-                        guidance_embedding_dim=pipe.config.unet.time_cond_proj_dim)
-    latents = sample(denoiser, noise, spec, pipe.schedule, steps, generator=gens, callback=callback)
-    return pipe.decode(latents.to(pipe.dtype))
+           height: int | None = None, callbacks=None) -> np.ndarray:
+    """Txt2img images through the run loop (fastldm.run, one batched run), prompt i from seed i with steps[i]
+    (or `steps` for all) -> (B, H, W, C) float32 in [0, 1]: the images `pipe.generate(prompt, seed=s, ...)`
+    gives. guidance None: the model's default. `callbacks`: one per-step callback per prompt, or None."""
+    counts = steps if isinstance(steps, list) else [steps] * len(prompts)
+    plans = [pipe.plan(GenerationRequest(p, steps=n, sampler=sampler, scheduler=scheduler, guidance=guidance,
+                                         seed=s, width=width, height=height))
+             for p, s, n in zip(prompts, seeds, counts, strict=True)]
+    return np.concatenate([r.raw for r in run(pipe, plans, callbacks)])
 
 
 def build_label_table(pipe, prompts: list[str], sampler: str = "DPM++ 2M", *, scheduler: str | None = None,
@@ -156,9 +150,10 @@ def build_label_table(pipe, prompts: list[str], sampler: str = "DPM++ 2M", *, sc
     for start in range(len(table.prompts), len(prompts), batch):
         chunk = prompts[start:start + batch]
         seeds = [seed + i for i in range(start, start + len(chunk))]
-        conditioning = pipe.conditioning(chunk, "", guidance, width, height)
-        images = [render(pipe, chunk, seeds, n, sampler, scheduler, guidance, width, height, conditioning)
-                  for n in steps]                                                 # K x (B, H, W, C)
+        B = len(chunk)   # every step count of every prompt of the chunk in one batched run
+        grid = render(pipe, chunk * len(steps), seeds * len(steps), [n for n in steps for _ in chunk], sampler,
+                      scheduler, guidance, width, height)                         # (K·B, H, W, C)
+        images = [grid[k * B:(k + 1) * B] for k in range(len(steps))]            # K x (B, H, W, C)
         reference = images[-1]
         sims = np.stack([ssim(img, reference) for img in images], axis=1)        # (B, K)
         table.prompts += chunk
