@@ -72,7 +72,7 @@ def test_plan_resolves_defaults_and_img2img(pipe):
 
 
 def test_auto_steps_without_predictor(pipe):
-    with pytest.raises(StepPredictorMissing, match="no step predictor for sampler DPM\+\+ 2M SDE"):
+    with pytest.raises(StepPredictorMissing, match=r"no step predictor for sampler DPM\+\+ 2M SDE"):
         pipe.plan(GenerationRequest("a red cube", steps="auto", sampler="DPM++ 2M SDE"))
 
 

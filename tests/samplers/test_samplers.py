@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fastldm.errors import RequestError
 from fastldm.denoiser import Denoiser, guidance_embedding
 from fastldm.samplers import (drive, list_samplers, list_schedulers, randn, resolve_sampler, sample, sample_ddim,
                               sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_euler_ancestral, sample_heun,
@@ -289,10 +290,10 @@ def test_scheduler_names(scheduler, spacing, sigmas):
 
 
 def test_unknown_names_are_one_line_errors():
-    with pytest.raises(ValueError, match="unknown sampler 'DPM fast'.*Euler a.*dpmpp_2m") as e:
+    with pytest.raises(RequestError, match="sampler='DPM fast' is not valid.*Euler a.*dpmpp_2m") as e:
         resolve_sampler("DPM fast")
-    assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="unknown scheduler 'beta'.*karras"):
+    assert "\n" not in str(e.value) and e.value.field == "sampler"
+    with pytest.raises(RequestError, match="scheduler='beta' is not valid.*karras"):
         resolve_sampler("Euler", "beta")
 
 
