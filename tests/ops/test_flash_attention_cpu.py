@@ -144,3 +144,15 @@ def test_build_key_tracks_what_shapes_the_binary():
     assert key == native_build.build_key(flash.LIBRARY, "AVX2", "g++ 12")
     assert key != native_build.build_key(flash.LIBRARY, "AVX2", "g++ 13")
     assert key != native_build.build_key(flash.LIBRARY, "AVX512", "g++ 12")
+
+
+def test_torch_compile_traces_one_opaque_call(built):
+    """fullgraph: the backend choice and the build check run at trace time; the op has a fake for shapes."""
+    q, k, v = qkv(100, 77, 40)
+
+    def step(q, k, v):
+        return ops.attention(q, k, v).transpose(1, 2).flatten(2)  # (B, N, H·D), as the UNet does
+
+    with torch.no_grad():
+        out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert torch.equal(out, step(q, k, v))

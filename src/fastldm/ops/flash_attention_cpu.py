@@ -35,9 +35,11 @@ MAX_HEAD_DIM = 256
 LIBRARY = "flash_attention_cpu"
 
 
+@torch.compiler.assume_constant_result
 def unavailable() -> str | None:
     """Why the kernel cannot run on this machine (its library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build)."""
+    The first call may compile it (once per machine; see native_build). Under torch.compile it runs once,
+    at trace time."""
     return native_build.load(LIBRARY)
 
 
@@ -69,17 +71,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if why is not None:
         raise BackendUnavailable(why)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel reads rows of D
-    return _flash(q, k, v, BLOCK_Q, BLOCK_K).transpose(1, 2)
+    return torch.ops.fastldm.flash_attention_cpu(q, k, v, BLOCK_Q, BLOCK_K).transpose(1, 2)
 
 
-# A custom op, so torch.compile keeps the kernel as one opaque call it can trace around.
-@torch.library.custom_op("fastldm::flash_attention_cpu", mutates_args=())
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
-    """q (B, H, N, D), k and v (B, H, M, D) with unit stride along D -> (B, N, H, D)."""
-    return torch.ops.fastldm_flash_cpu.attention(q, k, v, block_q, block_k)
+# The op's schema and fake (shape) function live here, so torch.compile can trace a call as one opaque op
+# before the library is loaded; the library registers its CPU kernel (TORCH_LIBRARY_IMPL in the .cpp).
+torch.library.define("fastldm::flash_attention_cpu",
+                     "(Tensor q, Tensor k, Tensor v, int block_q, int block_k) -> Tensor")
 
 
-@_flash.register_fake
+@torch.library.register_fake("fastldm::flash_attention_cpu")
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """q (B, H, N, D), k and v (B, H, M, D) with unit stride along D -> (B, N, H, D)."""
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D)

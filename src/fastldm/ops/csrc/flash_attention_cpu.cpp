@@ -264,13 +264,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
-int64_t query_panel() { return kPanel; }
-
 }  // namespace
 
-TORCH_LIBRARY(fastldm_flash_cpu, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, int block_q, int block_k) -> Tensor");
-  m.def("query_panel() -> int", &query_panel);
-}
-
-TORCH_LIBRARY_IMPL(fastldm_flash_cpu, CPU, m) { m.impl("attention", &attention); }
+// The schema (fastldm::flash_attention_cpu) is defined in flash_attention_cpu.py; this is its CPU kernel.
+TORCH_LIBRARY_IMPL(fastldm, CPU, m) { m.impl("flash_attention_cpu", &attention); }
