@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -157,7 +158,11 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
   const int64_t q_blocks = (N + bq - 1) / bq;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, s.B * H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are handed out one at a time from a shared counter rather than in fixed halves, so a thread that
+  // the OS preempts (a shared machine) leaves its work to the others instead of holding up the call.
+  const int64_t tasks = s.B * H * q_blocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     // Per-thread scratch: qᵀ and oᵀ (D × bq), sᵀ/pᵀ (bk × bq), per-query m, l, block max, alpha, and
     // fp32 copies of a key block of bf16 k and v (bk × D).
     std::vector<float> buf(2 * D * bq + bk * bq + 4 * bq + 2 * bk * D);
@@ -171,7 +176,7 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
     float* kf = alpha + bq;
     float* vf = kf + bk * D;
 
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task / (H * q_blocks), h = task / q_blocks % H, i0 = task % q_blocks * bq;
       const int64_t nq = std::min(bq, N - i0);
       const int64_t cols = (nq + kPanel - 1) / kPanel * kPanel;  // queries computed: nq, padded to a panel
