@@ -13,28 +13,30 @@
 // (B, M, H, D) memory the projections wrote. Both GEMMs use one register tile: 4 rows × 3 vectors of
 // queries (12 accumulators: 24 queries with AVX2, 48 with AVX-512), fp32 fused multiply-adds.
 //
-// The exponential is base 2: log2(e)/√D is folded into the packed Qᵀ, so the scores are already in
-// base-2 units, and 2^x = 2^n · p(x − n) with n = round(x) and p a degree-5 minimax polynomial of 2^f
-// on [−½, ½] (fitted by Lawson's reweighted least squares): max relative error 2.3e-7 in fp32 (≈ 2 ulp;
-// torch's Sleef exp is 1 ulp, ATen's exp_u20 20 ulp).
+// The exponential is base 2: p = 2^(c·s − c·m) with c = log2(e)/√D, the scale and the max taken in one
+// fused multiply-add, and 2^x = 2^n · p(x − n) with n = round(x) and p a degree-5 minimax polynomial of
+// 2^f on [−½, ½] (fitted by Lawson's reweighted least squares): max relative error 2.3e-7 in fp32 (≈ 2
+// ulp; torch's Sleef exp is 1 ulp, ATen's exp_u20 20 ulp).
 //
-// bf16 inputs are converted to fp32 as they are packed (Qᵀ once per query block, K and V rows once per
-// key block); all arithmetic is fp32 and the output is rounded once. Limits: CPU, fp32 or bf16, q k v of
-// one dtype, unit stride along D (checked here), no mask, and no backward (flash_attention_cpu.py).
+// Qᵀ is packed and the output unpacked with ATen's 8 × 8 vectorised transposes. bf16 inputs are converted
+// to fp32 as they are packed (Qᵀ once per query block, K and V rows once per key block); all arithmetic is
+// fp32 and the output is rounded once. Limits: CPU, fp32 or bf16, q k v of one dtype, unit stride along D
+// (checked here), no mask, and no backward (flash_attention_cpu.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Unroll.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
@@ -60,65 +62,75 @@ inline Vec exp2_poly(Vec x) {
   return at::vec::cast<float>(at::vec::cast<int32_t>(p) + shift);
 }
 
-// GEMM 1 tile: sᵀ[r][i] = Σ_d k[r][d] · qᵀ[d][i] for R keys r and one panel of queries i; the tile's
-// rows are folded into the panel's block max.
-template <int R>
-inline void score_tile(const float* k, int64_t ks, const float* qt, int64_t ldq, int64_t depth, float* st,
+// The tiles' loops over rows and vectors are unrolled at compile time (c10::ForcedUnroll) and the tiles are
+// never inlined, so their accumulator arrays live in registers for every tile shape (inlined into the task
+// loop, GCC 12 kept the edge tiles' accumulators on the stack).
+
+// GEMM 1 tile: sᵀ[r][i] = Σ_d k[r][d] · qᵀ[d][i] for R keys r and C vectors of queries i; the tile's
+// rows are folded into those queries' block max.
+template <int R, int C>
+C10_NOINLINE void score_tile(const float* k, int64_t ks, const float* qt, int64_t ldq, int64_t depth, float* st,
                        int64_t lds, float* bmax) {
-  Vec acc[R][kVecs];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kVecs; ++c) acc[r][c] = Vec(0.f);
+  Vec acc[R][C];
+  c10::ForcedUnroll<R>{}([&](auto r) { c10::ForcedUnroll<C>{}([&](auto c) { acc[r][c] = Vec(0.f); }); });
   for (int64_t d = 0; d < depth; ++d) {
-    Vec b[kVecs];
-    for (int c = 0; c < kVecs; ++c) b[c] = Vec::loadu(qt + d * ldq + c * kLanes);
-    for (int r = 0; r < R; ++r) {
+    Vec b[C];
+    c10::ForcedUnroll<C>{}([&](auto c) { b[c] = Vec::loadu(qt + d * ldq + c * kLanes); });
+    c10::ForcedUnroll<R>{}([&](auto r) {
       const Vec a(k[r * ks + d]);
-      for (int c = 0; c < kVecs; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
-    }
+      c10::ForcedUnroll<C>{}([&](auto c) { acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]); });
+    });
   }
-  for (int c = 0; c < kVecs; ++c) {
+  c10::ForcedUnroll<C>{}([&](auto c) {
     Vec m = Vec::loadu(bmax + c * kLanes);
-    for (int r = 0; r < R; ++r) {
+    c10::ForcedUnroll<R>{}([&](auto r) {
       acc[r][c].store(st + r * lds + c * kLanes);
       m = at::vec::clamp_min(acc[r][c], m);
-    }
+    });
     m.store(bmax + c * kLanes);
-  }
+  });
 }
 
-// GEMM 2 tile: oᵀ[r][i] = alpha[i] · oᵀ[r][i] + Σ_j v[j][r] · pᵀ[j][i] for R head dims r and one panel of
+// GEMM 2 tile: oᵀ[r][i] = alpha[i] · oᵀ[r][i] + Σ_j v[j][r] · pᵀ[j][i] for R head dims r and C vectors of
 // queries i (the online softmax's rescale is folded into loading the accumulators).
-template <int R>
-inline void value_tile(const float* v, int64_t vs, const float* pt, int64_t ldp, int64_t keys, float* ot,
+template <int R, int C>
+C10_NOINLINE void value_tile(const float* v, int64_t vs, const float* pt, int64_t ldp, int64_t keys, float* ot,
                        int64_t ldo, const float* alpha) {
-  Vec acc[R][kVecs];
-  for (int c = 0; c < kVecs; ++c) {
+  Vec acc[R][C];
+  c10::ForcedUnroll<C>{}([&](auto c) {
     const Vec a = Vec::loadu(alpha + c * kLanes);
-    for (int r = 0; r < R; ++r) acc[r][c] = Vec::loadu(ot + r * ldo + c * kLanes) * a;
-  }
+    c10::ForcedUnroll<R>{}([&](auto r) { acc[r][c] = Vec::loadu(ot + r * ldo + c * kLanes) * a; });
+  });
   for (int64_t j = 0; j < keys; ++j) {
-    Vec b[kVecs];
-    for (int c = 0; c < kVecs; ++c) b[c] = Vec::loadu(pt + j * ldp + c * kLanes);
-    for (int r = 0; r < R; ++r) {
+    Vec b[C];
+    c10::ForcedUnroll<C>{}([&](auto c) { b[c] = Vec::loadu(pt + j * ldp + c * kLanes); });
+    c10::ForcedUnroll<R>{}([&](auto r) {
       const Vec a(v[j * vs + r]);
-      for (int c = 0; c < kVecs; ++c) acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]);
-    }
+      c10::ForcedUnroll<C>{}([&](auto c) { acc[r][c] = at::vec::fmadd(a, b[c], acc[r][c]); });
+    });
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kVecs; ++c) acc[r][c].store(ot + r * ldo + c * kLanes);
+  c10::ForcedUnroll<R>{}([&](auto r) {
+    c10::ForcedUnroll<C>{}([&](auto c) { acc[r][c].store(ot + r * ldo + c * kLanes); });
+  });
 }
 
-// Calls f(std::integral_constant<int, R>) with R = rows (1 ≤ rows ≤ kRows), so tails get their own tile.
-template <typename F>
-inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    default: f(std::integral_constant<int, 1>()); break;
-  }
+// Calls f(R, C) as std::integral_constants, R = min(rows, kRows) and C = min(vecs, kVecs), so that edge
+// tiles (the last keys, head dims or queries) get their own smaller register tile.
+template <int R, typename F>
+inline void with_vecs(int64_t vecs, F&& f) {
+  using Rc = std::integral_constant<int, R>;
+  if (vecs >= 3) f(Rc(), std::integral_constant<int, 3>());
+  else if (vecs == 2) f(Rc(), std::integral_constant<int, 2>());
+  else f(Rc(), std::integral_constant<int, 1>());
 }
-static_assert(kRows == 4, "with_rows dispatches 1..4 rows");
+template <typename F>
+inline void with_tile(int64_t rows, int64_t vecs, F&& f) {
+  if (rows >= 4) with_vecs<4>(vecs, f);
+  else if (rows == 3) with_vecs<3>(vecs, f);
+  else if (rows == 2) with_vecs<2>(vecs, f);
+  else with_vecs<1>(vecs, f);
+}
+static_assert(kRows == 4 && kVecs == 3, "with_tile dispatches up to 4 rows × 3 vectors");
 
 // `rows` rows of D values, `stride` apart, as fp32: fp32 in place (returns src, sets stride_out =
 // stride), bf16 converted into buf (rows × D, stride_out = D).
@@ -136,8 +148,22 @@ inline const float* as_float(const scalar_t* src, int64_t stride, int64_t rows, 
   }
 }
 
+// dst[c][r] = src[r][c] for r < rows, c < cols: ATen's vectorised 8 × 8 transposes, scalar edges.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8)
+      at::vec::transpose_mxn<float, 8, 8>(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+    for (; c < cols; ++c)
+      for (int64_t i = r; i < r + 8; ++i) dst[c * ldd + i] = src[i * lds + c];
+  }
+  for (; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
 struct Shape {
-  int64_t B, H, N, M, D, bq, bk;  // bq: queries per block (a multiple of kPanel), bk: keys per block
+  int64_t B, H, N, M, D, bq, bk;  // bq: queries per block (a multiple of kLanes), bk: keys per block
 };
 
 // A (B, H, tokens, D) tensor's data and strides, read once (a Tensor's accessors are not free in a loop).
@@ -154,7 +180,8 @@ template <typename scalar_t>
 void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> v, scalar_t* out,
            const Shape s) {
   const int64_t H = s.H, N = s.N, M = s.M, D = s.D, bq = s.bq, bk = s.bk;
-  const float scale = static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(D)));
+  const Vec c(static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(D))));  // scores to base-2 logits
+  const Vec minus_c = Vec(0.f) - c;
   const int64_t q_blocks = (N + bq - 1) / bq;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -163,34 +190,37 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
   const int64_t tasks = s.B * H * q_blocks;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    // Per-thread scratch: qᵀ and oᵀ (D × bq), sᵀ/pᵀ (bk × bq), per-query m, l, block max, alpha, and
-    // fp32 copies of a key block of bf16 k and v (bk × D).
-    std::vector<float> buf(2 * D * bq + bk * bq + 4 * bq + 2 * bk * D);
-    float* qt = buf.data();
+    // Per-thread scratch, uninitialised: qᵀ and oᵀ (D × bq), sᵀ/pᵀ (bk × bq), per-query m, l, block max,
+    // alpha, rows of q or out in fp32 (bq × D), and for bf16 fp32 copies of a key block of k and v (bk × D).
+    const int64_t kv_rows = std::is_same_v<scalar_t, float> ? 0 : bk;
+    std::unique_ptr<float[]> buf(new float[3 * D * bq + bk * bq + 4 * bq + 2 * kv_rows * D]);
+    float* qt = buf.get();
     float* ot = qt + D * bq;
     float* st = ot + D * bq;
     float* m = st + bk * bq;
     float* l = m + bq;
     float* bmax = l + bq;
     float* alpha = bmax + bq;
-    float* kf = alpha + bq;
-    float* vf = kf + bk * D;
+    float* rows = alpha + bq;
+    float* kf = rows + bq * D;
+    float* vf = kf + kv_rows * D;
 
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task / (H * q_blocks), h = task / q_blocks % H, i0 = task % q_blocks * bq;
       const int64_t nq = std::min(bq, N - i0);
-      const int64_t cols = (nq + kPanel - 1) / kPanel * kPanel;  // queries computed: nq, padded to a panel
+      const int64_t cols = (nq + kLanes - 1) / kLanes * kLanes;  // queries computed: nq, padded to a vector
       const scalar_t* qh = q.head(b, h) + i0 * q.n;
       const scalar_t* kh = k.head(b, h);
       const scalar_t* vh = v.head(b, h);
 
-      // qᵀ[d][i] = q[i][d] · log2(e)/√D; queries past N are zeros (computed, never stored)
-      std::fill(qt, qt + D * bq, 0.f);
-      for (int64_t i = 0; i < nq; ++i)
-        for (int64_t d = 0; d < D; ++d) qt[d * bq + i] = static_cast<float>(qh[i * q.n + d]) * scale;
-      std::fill(ot, ot + D * bq, 0.f);
-      std::fill(m, m + bq, neg_inf);
-      std::fill(l, l + bq, 0.f);
+      // qᵀ[d][i] = q[i][d]; queries nq..cols are zeros (computed, never stored)
+      int64_t qs;
+      const float* qf = as_float(qh, q.n, nq, D, rows, qs);
+      transpose(qf, qs, nq, D, qt, bq);
+      for (int64_t d = 0; d < D; ++d) std::fill(qt + d * bq + nq, qt + d * bq + cols, 0.f);
+      for (int64_t d = 0; d < D; ++d) std::fill(ot + d * bq, ot + d * bq + cols, 0.f);
+      std::fill(m, m + cols, neg_inf);
+      std::fill(l, l + cols, 0.f);
 
       for (int64_t j0 = 0; j0 < M; j0 += bk) {
         const int64_t nk = std::min(bk, M - j0);
@@ -199,21 +229,23 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
         const float* vb = as_float(vh + j0 * v.n, v.n, nk, D, vf, vs);
 
         // GEMM 1: sᵀ = K qᵀ (nk × cols), with each query's block max
-        std::fill(bmax, bmax + bq, neg_inf);
+        std::fill(bmax, bmax + cols, neg_inf);
         for (int64_t p = 0; p < cols; p += kPanel)
           for (int64_t j = 0; j < nk; j += kRows)
-            with_rows(std::min<int64_t>(kRows, nk - j), [&](auto rows) {
-              score_tile<decltype(rows)::value>(kb + j * ks, ks, qt + p, bq, D, st + j * bq + p, bq, bmax + p);
+            with_tile(nk - j, (cols - p) / kLanes, [&](auto R, auto C) {
+              score_tile<R, C>(kb + j * ks, ks, qt + p, bq, D, st + j * bq + p, bq, bmax + p);
             });
 
-        // online softmax: m' = max(m, block max), alpha = 2^(m − m'), pᵀ = 2^(sᵀ − m'), l = alpha·l + Σ_j pᵀ
+        // online softmax, c = log2(e)/√D: m' = max(m, block max), alpha = 2^(c·(m − m')), pᵀ = 2^(c·(sᵀ − m')),
+        // l = alpha·l + Σ_j pᵀ
         for (int64_t i = 0; i < cols; i += kLanes) {
           const Vec m_old = Vec::loadu(m + i);
           const Vec m_new = at::vec::clamp_min(Vec::loadu(bmax + i), m_old);
-          const Vec a = exp2_poly(m_old - m_new);
+          const Vec a = exp2_poly((m_old - m_new) * c);
+          const Vec shift = m_new * minus_c;
           Vec sum(0.f);
           for (int64_t j = 0; j < nk; ++j) {
-            const Vec pj = exp2_poly(Vec::loadu(st + j * bq + i) - m_new);
+            const Vec pj = exp2_poly(at::vec::fmadd(Vec::loadu(st + j * bq + i), c, shift));
             pj.store(st + j * bq + i);
             sum = sum + pj;
           }
@@ -225,16 +257,17 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
         // GEMM 2: oᵀ = alpha · oᵀ + Vᵀ pᵀ (D × cols)
         for (int64_t p = 0; p < cols; p += kPanel)
           for (int64_t d = 0; d < D; d += kRows)
-            with_rows(std::min<int64_t>(kRows, D - d), [&](auto rows) {
-              value_tile<decltype(rows)::value>(vb + d, vs, st + p, bq, nk, ot + d * bq + p, bq, alpha + p);
+            with_tile(D - d, (cols - p) / kLanes, [&](auto R, auto C) {
+              value_tile<R, C>(vb + d, vs, st + p, bq, nk, ot + d * bq + p, bq, alpha + p);
             });
       }
 
       // out[b, i0 + i, h, :] = oᵀ[:, i] / l[i]
+      transpose(ot, bq, D, nq, rows, D);
       for (int64_t i = 0; i < nq; ++i) {
         const float inv = 1.f / l[i];
         scalar_t* o = out + ((b * N + i0 + i) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(ot[d * bq + i] * inv);
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(rows[i * D + d] * inv);
       }
     }
   });
@@ -254,11 +287,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
               "flash_attention_cpu: k and v must be (B, H, M, D) with q's B, H, D");
   TORCH_CHECK(M > 0 && block_q > 0 && block_k > 0, "flash_attention_cpu: needs keys and positive block sizes");
-  // queries per block: block_q rounded up to whole register tiles, no more than N needs
-  const int64_t panels = std::max<int64_t>(1, std::min((block_q + kPanel - 1) / kPanel, (N + kPanel - 1) / kPanel));
+  // queries per block: block_q rounded up to whole register tiles, no more than N needs (whole vectors)
+  const int64_t bq = std::max<int64_t>(kLanes, std::min((block_q + kPanel - 1) / kPanel * kPanel,
+                                                        (N + kLanes - 1) / kLanes * kLanes));
   // keys per block: M split into ⌊M / block_k⌋ equal blocks (so 77 keys are one block of 77, not 64 + 13)
   const int64_t key_blocks = std::max<int64_t>(1, M / block_k);
-  const Shape shape{B, H, N, M, D, panels * kPanel, (M + key_blocks - 1) / key_blocks};
+  const Shape shape{B, H, N, M, D, bq, (M + key_blocks - 1) / key_blocks};
   at::Tensor out = at::empty({B, N, H, D}, q.options());
   if (N == 0) return out;
   if (q.scalar_type() == at::kFloat)
