@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -69,18 +70,18 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def _alternate(fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     """Median ms of each function over `repeats` rounds that call every function once in turn, after one
-    warm-up round."""
+    warm-up round, timed by `clock`."""
     times = {name: [] for name in fns}
     with torch.inference_mode():
         for fn in fns.values():
             fn()
         for _ in range(repeats):
             for name, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -92,7 +93,7 @@ def sd15_attention_shapes(latent: int) -> list[tuple[str, int, int, int]]:
              S * S, S * S if kind == "self" else 77, D) for i, (S, D) in enumerate(levels) for kind in ("self", "cross")]
 
 
-def attention_ab(backend: str, repeats: int) -> list[dict]:
+def attention_ab(backend: str, repeats: int, clock: Callable[[], float]) -> list[dict]:
     """The backend against the reference at SD 1.5's attention shapes (512² and 256² images, batch 2, 8
     heads, (B, N, H, D) memory viewed as (B, H, N, D) as the UNet passes it), with the fp32 matmul ceiling
     measured in the same rounds."""
@@ -105,7 +106,8 @@ def attention_ab(backend: str, repeats: int) -> list[dict]:
             flop = 4 * 2 * 8 * N * M * D
             _forced(backend, q, k, v)  # raises here if the backend cannot run the case
             ms = _alternate({"ceiling": lambda: torch.mm(a, b), **{name: functools.partial(_forced, name, q, k, v)
-                                                                      for name in ("reference", backend)}}, repeats)
+                                                                      for name in ("reference", backend)}}, repeats,
+                            clock)
             ceiling = 2 * CEILING ** 3 / ms["ceiling"] / 1e6
             rows.append({"image": latent * 8, "case": label, "ref_ms": round(ms["reference"], 3),
                          "ms": round(ms[backend], 3), "speedup": round(ms["reference"] / ms[backend], 3),
@@ -119,7 +121,7 @@ def _forced(backend: str, q, k, v):
         return fops.attention(q, k, v)
 
 
-def unet_ab(backend: str, latent: int, repeats: int) -> dict:
+def unet_ab(backend: str, latent: int, repeats: int, clock: Callable[[], float]) -> dict:
     """One SD 1.5 UNet call (fp32, random weights) with the reference attention and with `backend`."""
     config = PRESETS["sd1"].unet
     unet = random_unet(config)
@@ -130,7 +132,7 @@ def unet_ab(backend: str, latent: int, repeats: int) -> dict:
             return unet(**args)
     with torch.inference_mode():
         err = ((call(backend) - call("reference")).abs().max() / call("reference").abs().max()).item()
-    ms = _alternate({"reference": lambda: call("reference"), backend: lambda: call(backend)}, repeats)
+    ms = _alternate({"reference": lambda: call("reference"), backend: lambda: call(backend)}, repeats, clock)
     return {"latent": latent, "ref_ms": round(ms["reference"], 1), "ms": round(ms[backend], 1),
             "speedup": round(ms["reference"] / ms[backend], 3), "rel_err": err}
 
@@ -158,22 +160,29 @@ def main() -> None:
                    help="compare this CPU attention backend with the reference, side by side (see above)")
     p.add_argument("--unet-latent", type=int, default=None, help="with --attention-ab: also one SD 1.5 UNet call")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="with --attention-ab --threads 1: time by the thread's CPU time, not the wall clock (on a "
+                        "shared machine, time the OS gives other processes then does not count)")
     a = p.parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    if a.cpu_time and torch.get_num_threads() != 1:
+        p.error("--cpu-time measures the calling thread only: use it with --threads 1")
     if a.attention_ab:
-        rows = attention_ab(a.attention_ab, a.repeats)
-        unet = None if a.unet_latent is None else unet_ab(a.attention_ab, a.unet_latent, a.repeats)
+        clock = time.thread_time if a.cpu_time else time.perf_counter
+        rows = attention_ab(a.attention_ab, a.repeats, clock)
+        unet = None if a.unet_latent is None else unet_ab(a.attention_ab, a.unet_latent, a.repeats, clock)
         print(f"device: {autotune.device_kind(torch.device('cpu'))}, torch {torch.__version__}, fp32, "
-              f"median of {a.repeats} alternated rounds\n")
+              f"median of {a.repeats} alternated rounds, {'thread CPU time' if a.cpu_time else 'wall clock'}\n")
         print(attention_markdown(rows, a.attention_ab))
         if unet is not None:
             print(f"\nSD 1.5 UNet call, latent {unet['latent']}², batch 2: reference {unet['ref_ms']:.1f} ms, "
                   f"{a.attention_ab} {unet['ms']:.1f} ms ({unet['speedup']:.2f}×), rel. Δ {unet['rel_err']:.1e}")
         out = Path(a.json or Path(__file__).parent / "results" / f"attention_{a.attention_ab}.json")
         out.write_text(json.dumps({"device_kind": autotune.device_kind(torch.device("cpu")),
-                                   "torch": torch.__version__, "repeats": a.repeats, "attention": rows,
-                                   "unet": unet}, indent=1))
+                                   "torch": torch.__version__, "repeats": a.repeats,
+                                   "clock": "thread_time" if a.cpu_time else "perf_counter",
+                                   "loadavg": os.getloadavg(), "attention": rows, "unet": unet}, indent=1))
         print(f"\nwrote {out}")
         return
     device = torch.device(a.device)

@@ -14,9 +14,10 @@ CPU): it materialises each qSplit × kvSplit score tile, makes a BLAS call per t
 softmax as separate passes; at SD's shapes here it reaches 0.6-0.8 of a large fp32 matmul per core, this
 kernel 0.8-0.9 (docs/benchmarks.md, "Flash attention on CPU").
 
-Block sizes (AVX2, one thread, CPU time of alternated calls, medians): BLOCK_Q 24-96 and BLOCK_K 32-128
-were within ±3 % at every SD shape; BLOCK_K 256 lost 10-15 % (a key block of pᵀ no longer fits the L1
-cache next to V's rows), BLOCK_Q 192 lost up to 20 % at head dim 160 (qᵀ and oᵀ spill the L2).
+Block sizes (AVX2, one thread, CPU time of alternated calls, medians): BLOCK_Q 96 with BLOCK_K 64 was
+fastest or within 3 % of it at every SD shape, against BLOCK_Q 48 or 144 and BLOCK_K 128; BLOCK_K 256 lost
+10-15 % (a key block of pᵀ no longer fits the L1 cache next to V's rows), BLOCK_Q 192 up to 20 % at head
+dim 160 (qᵀ and oᵀ spill the L2).
 
 Limits, checked by `supports`: CPU tensors in fp32 or bf16 (one dtype), an x86 CPU with AVX2 or AVX-512,
 head dim ≤ MAX_HEAD_DIM, no causal mask, no autograd (training uses torch's kernel), and a working C++
@@ -29,7 +30,7 @@ import torch
 from ..errors import BackendUnavailable
 from . import native_build
 
-BLOCK_Q = 48    # queries per task, rounded up to whole register tiles (24 queries with AVX2, 48 with AVX-512)
+BLOCK_Q = 96    # queries per task, rounded up to whole register tiles (24 queries with AVX2, 48 with AVX-512)
 BLOCK_K = 64    # keys per online-softmax step (M is cut into ⌊M / BLOCK_K⌋ equal blocks)
 MAX_HEAD_DIM = 256
 LIBRARY = "flash_attention_cpu"
