@@ -9,8 +9,8 @@
 //   Sᵀ (keys × queries) = K · Qᵀ   GEMM 1: broadcast k[j][d], load qᵀ[d][queries]
 //   Oᵀ (D × queries)   += Vᵀ · Pᵀ  GEMM 2: broadcast v[j][d], load pᵀ[j][queries]
 // so the softmax's max and sum over keys are lane-wise (no horizontal reductions), the head dim is only
-// a loop length (40, 80 and 160 need no padding), and K and V need no packing beyond one fp32 copy with
-// each head's rows together. Both GEMMs use one register tile: 4 rows × 3 vectors of queries (12
+// a loop length (40, 80 and 160 need no padding), and K and V need no packing beyond an fp32 copy of each
+// head's rows. Both GEMMs use one register tile: 4 rows × 3 vectors of queries (12
 // accumulators: 24 queries with AVX2, 48 with AVX-512), fp32 fused multiply-adds.
 //
 // The exponential is base 2: p = 2^(c·s − c·m) with c = log2(e)/√D, the scale and the max taken in one
@@ -19,8 +19,8 @@
 // ulp; torch's Sleef exp is 1 ulp, ATen's exp_u20 20 ulp).
 //
 // Qᵀ is packed and the output unpacked with ATen's 8 × 8 vectorised transposes. bf16 inputs are converted
-// to fp32 as they are packed (Qᵀ once per query block, K and V once per call); all arithmetic is fp32 and
-// the output is rounded once. Limits: CPU, fp32 or bf16, q k v of one dtype, unit stride along D
+// to fp32 as they are packed (Qᵀ once per query block, K and V once per head per thread); all arithmetic
+// is fp32 and the output is rounded once. Limits: CPU, fp32 or bf16, q k v of one dtype, unit stride along D
 // (checked here), no mask, and no backward (flash_attention_cpu.py).
 
 #include <ATen/Parallel.h>
@@ -132,6 +132,13 @@ inline void with_tile(int64_t rows, int64_t vecs, F&& f) {
 }
 static_assert(kRows == 4 && kVecs == 3, "with_tile dispatches up to 4 rows × 3 vectors");
 
+// dst (rows × D) = `rows` rows of D values `stride` apart, as fp32.
+template <typename scalar_t>
+inline void to_float(const scalar_t* src, int64_t stride, int64_t rows, int64_t D, float* dst) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t d = 0; d < D; ++d) dst[j * D + d] = static_cast<float>(src[j * stride + d]);
+}
+
 // `rows` rows of D values, `stride` apart, as fp32: fp32 in place (returns src, sets stride_out = stride),
 // bf16 converted into buf (rows × D, stride_out = D).
 template <typename scalar_t>
@@ -141,8 +148,7 @@ inline const float* as_float(const scalar_t* src, int64_t stride, int64_t rows, 
     stride_out = stride;
     return src;
   } else {
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t d = 0; d < D; ++d) buf[j * D + d] = static_cast<float>(src[j * stride + d]);
+    to_float(src, stride, rows, D, buf);
     stride_out = D;
     return buf;
   }
@@ -177,7 +183,8 @@ struct View {
 };
 
 template <typename scalar_t>
-void flash(const View<scalar_t> q, const View<float> k, const View<float> v, scalar_t* out, const Shape s) {
+void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> v, scalar_t* out,
+           const Shape s) {
   const int64_t H = s.H, N = s.N, M = s.M, D = s.D, bq = s.bq, bk = s.bk;
   const Vec c(static_cast<float>(M_LOG2E / std::sqrt(static_cast<double>(D))));  // scores to base-2 logits
   const Vec minus_c = Vec(0.f) - c;
@@ -190,8 +197,12 @@ void flash(const View<scalar_t> q, const View<float> k, const View<float> v, sca
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, uninitialised: qᵀ and oᵀ (D × bq), sᵀ/pᵀ (bk × bq), per-query m, l, block max,
-    // alpha, and rows of q or out in fp32 (bq × D).
-    std::unique_ptr<float[]> buf(new float[3 * D * bq + bk * bq + 4 * bq]);
+    // alpha, rows of q or out in fp32 (bq × D), and fp32 copies of the K and V of the head the thread is on
+    // (M × D each), made when it moves to another head. Read in place from the UNet's (B, M, H, D) memory,
+    // a head's rows are strided over the other heads' (20 % slower at 4096 tokens and 8 heads, one thread);
+    // copied here rather than by a separate ATen op, since each extra parallel region costs a wait for the
+    // slowest thread (10s of ms on a shared machine).
+    std::unique_ptr<float[]> buf(new float[3 * D * bq + bk * bq + 4 * bq + 2 * M * D]);
     float* qt = buf.get();
     float* ot = qt + D * bq;
     float* st = ot + D * bq;
@@ -200,14 +211,20 @@ void flash(const View<scalar_t> q, const View<float> k, const View<float> v, sca
     float* bmax = l + bq;
     float* alpha = bmax + bq;
     float* rows = alpha + bq;
+    float* kf = rows + bq * D;
+    float* vf = kf + M * D;
+    int64_t kv_head = -1;
 
     for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task / (H * q_blocks), h = task / q_blocks % H, i0 = task % q_blocks * bq;
       const int64_t nq = std::min(bq, N - i0);
       const int64_t cols = (nq + kLanes - 1) / kLanes * kLanes;  // queries computed: nq, padded to a vector
       const scalar_t* qh = q.head(b, h) + i0 * q.n;
-      const float* kh = k.head(b, h);
-      const float* vh = v.head(b, h);
+      if (b * H + h != kv_head) {
+        to_float(k.head(b, h), k.n, M, D, kf);
+        to_float(v.head(b, h), v.n, M, D, vf);
+        kv_head = b * H + h;
+      }
 
       // qᵀ[d][i] = q[i][d]; queries nq..cols are zeros (computed, never stored)
       int64_t qs;
@@ -220,9 +237,9 @@ void flash(const View<scalar_t> q, const View<float> k, const View<float> v, sca
 
       for (int64_t j0 = 0; j0 < M; j0 += bk) {
         const int64_t nk = std::min(bk, M - j0);
-        const float* kb = kh + j0 * k.n;
-        const float* vb = vh + j0 * v.n;
-        const int64_t ks = k.n, vs = v.n;
+        const float* kb = kf + j0 * D;
+        const float* vb = vf + j0 * D;
+        const int64_t ks = D, vs = D;
 
         // GEMM 1: sᵀ = K qᵀ (nk × cols), with each query's block max
         std::fill(bmax, bmax + cols, neg_inf);
@@ -291,15 +308,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const Shape shape{B, H, N, M, D, bq, (M + key_blocks - 1) / key_blocks};
   at::Tensor out = at::empty({B, N, H, D}, q.options());
   if (N == 0) return out;
-  // K and V as fp32 (B, H, M, D), each head's rows together, copied once per call unless they already are:
-  // read in place from the UNet's (B, M, H, D) memory, a task strides over the other heads' rows (20 %
-  // slower at 4096 tokens and 8 heads, one thread); bf16 is widened here once instead of in every task.
-  const at::Tensor kf = k.to(at::kFloat).contiguous(), vf = v.to(at::kFloat).contiguous();
   if (q.scalar_type() == at::kFloat)
-    flash<float>(View<float>(q), View<float>(kf), View<float>(vf), out.data_ptr<float>(), shape);
+    flash<float>(View<float>(q), View<float>(k), View<float>(v), out.data_ptr<float>(), shape);
   else
-    flash<c10::BFloat16>(View<c10::BFloat16>(q), View<float>(kf), View<float>(vf), out.data_ptr<c10::BFloat16>(),
-                         shape);
+    flash<c10::BFloat16>(View<c10::BFloat16>(q), View<c10::BFloat16>(k), View<c10::BFloat16>(v),
+                         out.data_ptr<c10::BFloat16>(), shape);
   return out;
 }
 
