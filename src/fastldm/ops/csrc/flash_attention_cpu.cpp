@@ -191,17 +191,21 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
   const int64_t q_blocks = (N + bq - 1) / bq;
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  // Tasks are handed out one at a time from a shared counter rather than in fixed halves, so a thread that
-  // the OS preempts (a shared machine) leaves its work to the others instead of holding up the call.
-  const int64_t tasks = s.B * H * q_blocks;
+  // Work is handed out from a shared counter rather than in fixed shares, so a thread that the OS preempts
+  // (a shared machine) leaves its work to the others instead of holding up the call. A unit of work is a
+  // run of `per` query blocks of one head, as long as there are ~8 units per thread: each unit copies its
+  // head's K and V once (see below), and short runs would copy them over and over.
+  const int64_t heads = s.B * H, threads = at::get_num_threads();
+  const int64_t per = std::clamp<int64_t>(q_blocks * heads / (8 * threads), 1, q_blocks);
+  const int64_t head_units = (q_blocks + per - 1) / per, units = heads * head_units;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(units, threads), 1, [&](int64_t, int64_t) {
     // Per-thread scratch, uninitialised: qᵀ and oᵀ (D × bq), sᵀ/pᵀ (bk × bq), per-query m, l, block max,
     // alpha, rows of q or out in fp32 (bq × D), and fp32 copies of the K and V of the head the thread is on
-    // (M × D each), made when it moves to another head. Read in place from the UNet's (B, M, H, D) memory,
-    // a head's rows are strided over the other heads' (20 % slower at 4096 tokens and 8 heads, one thread);
-    // copied here rather than by a separate ATen op, since each extra parallel region costs a wait for the
-    // slowest thread (10s of ms on a shared machine).
+    // (M × D each). Read in place from the UNet's (B, M, H, D) memory, a head's rows are strided over the
+    // other heads' (20 % slower at 4096 tokens and 8 heads, one thread); they are copied here rather than by
+    // a separate ATen op, since each extra parallel region costs a wait for the slowest thread (10s of ms
+    // on a shared machine).
     std::unique_ptr<float[]> buf(new float[3 * D * bq + bk * bq + 4 * bq + 2 * M * D]);
     float* qt = buf.get();
     float* ot = qt + D * bq;
@@ -215,72 +219,73 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
     float* vf = kf + M * D;
     int64_t kv_head = -1;
 
-    for (int64_t task = next++; task < tasks; task = next++) {
-      const int64_t b = task / (H * q_blocks), h = task / q_blocks % H, i0 = task % q_blocks * bq;
-      const int64_t nq = std::min(bq, N - i0);
-      const int64_t cols = (nq + kLanes - 1) / kLanes * kLanes;  // queries computed: nq, padded to a vector
-      const scalar_t* qh = q.head(b, h) + i0 * q.n;
+    for (int64_t unit = next++; unit < units; unit = next++) {
+      const int64_t b = unit / head_units / H, h = unit / head_units % H, first = unit % head_units * per;
       if (b * H + h != kv_head) {
         to_float(k.head(b, h), k.n, M, D, kf);
         to_float(v.head(b, h), v.n, M, D, vf);
         kv_head = b * H + h;
       }
+      for (int64_t i0 = first * bq; i0 < std::min(first + per, q_blocks) * bq; i0 += bq) {
+        const int64_t nq = std::min(bq, N - i0);
+        const int64_t cols = (nq + kLanes - 1) / kLanes * kLanes;  // queries computed: nq, padded to a vector
+        const scalar_t* qh = q.head(b, h) + i0 * q.n;
 
-      // qᵀ[d][i] = q[i][d]; queries nq..cols are zeros (computed, never stored)
-      int64_t qs;
-      const float* qf = as_float(qh, q.n, nq, D, rows, qs);
-      transpose(qf, qs, nq, D, qt, bq);
-      for (int64_t d = 0; d < D; ++d) std::fill(qt + d * bq + nq, qt + d * bq + cols, 0.f);
-      for (int64_t d = 0; d < D; ++d) std::fill(ot + d * bq, ot + d * bq + cols, 0.f);
-      std::fill(m, m + cols, neg_inf);
-      std::fill(l, l + cols, 0.f);
+        // qᵀ[d][i] = q[i][d]; queries nq..cols are zeros (computed, never stored)
+        int64_t qs;
+        const float* qf = as_float(qh, q.n, nq, D, rows, qs);
+        transpose(qf, qs, nq, D, qt, bq);
+        for (int64_t d = 0; d < D; ++d) std::fill(qt + d * bq + nq, qt + d * bq + cols, 0.f);
+        for (int64_t d = 0; d < D; ++d) std::fill(ot + d * bq, ot + d * bq + cols, 0.f);
+        std::fill(m, m + cols, neg_inf);
+        std::fill(l, l + cols, 0.f);
 
-      for (int64_t j0 = 0; j0 < M; j0 += bk) {
-        const int64_t nk = std::min(bk, M - j0);
-        const float* kb = kf + j0 * D;
-        const float* vb = vf + j0 * D;
-        const int64_t ks = D, vs = D;
+        for (int64_t j0 = 0; j0 < M; j0 += bk) {
+          const int64_t nk = std::min(bk, M - j0);
+          const float* kb = kf + j0 * D;  // (nk, D)
+          const float* vb = vf + j0 * D;  // (nk, D)
 
-        // GEMM 1: sᵀ = K qᵀ (nk × cols), with each query's block max
-        std::fill(bmax, bmax + cols, neg_inf);
-        for (int64_t p = 0; p < cols; p += kPanel)
-          for (int64_t j = 0; j < nk; j += kRows)
-            with_tile(nk - j, (cols - p) / kLanes, [&](auto R, auto C) {
-              score_tile<R, C>(kb + j * ks, ks, qt + p, bq, D, st + j * bq + p, bq, bmax + p);
-            });
+          // GEMM 1: sᵀ = K qᵀ (nk × cols), with each query's block max
+          std::fill(bmax, bmax + cols, neg_inf);
+          for (int64_t p = 0; p < cols; p += kPanel)
+            for (int64_t j = 0; j < nk; j += kRows)
+              with_tile(nk - j, (cols - p) / kLanes, [&](auto R, auto C) {
+                score_tile<R, C>(kb + j * D, D, qt + p, bq, D, st + j * bq + p, bq, bmax + p);
+              });
 
-        // online softmax, c = log2(e)/√D: m' = max(m, block max), alpha = 2^(c·(m − m')), pᵀ = 2^(c·(sᵀ − m')),
-        // l = alpha·l + Σ_j pᵀ
-        for (int64_t i = 0; i < cols; i += kLanes) {
-          const Vec m_old = Vec::loadu(m + i);
-          const Vec m_new = at::vec::clamp_min(Vec::loadu(bmax + i), m_old);
-          const Vec a = exp2_poly((m_old - m_new) * c);
-          const Vec shift = m_new * minus_c;
-          Vec sum(0.f);
-          for (int64_t j = 0; j < nk; ++j) {
-            const Vec pj = exp2_poly(at::vec::fmadd(Vec::loadu(st + j * bq + i), c, shift));
-            pj.store(st + j * bq + i);
-            sum = sum + pj;
+          // online softmax, c = log2(e)/√D: m' = max(m, block max), alpha = 2^(c·(m − m')),
+          // pᵀ = 2^(c·(sᵀ − m')), l = alpha·l + Σ_j pᵀ
+          for (int64_t i = 0; i < cols; i += kLanes) {
+            const Vec m_old = Vec::loadu(m + i);
+            const Vec m_new = at::vec::clamp_min(Vec::loadu(bmax + i), m_old);
+            const Vec a = exp2_poly((m_old - m_new) * c);
+            const Vec shift = m_new * minus_c;
+            Vec sum(0.f);
+            for (int64_t j = 0; j < nk; ++j) {
+              const Vec pj = exp2_poly(at::vec::fmadd(Vec::loadu(st + j * bq + i), c, shift));
+              pj.store(st + j * bq + i);
+              sum = sum + pj;
+            }
+            m_new.store(m + i);
+            a.store(alpha + i);
+            at::vec::fmadd(a, Vec::loadu(l + i), sum).store(l + i);
           }
-          m_new.store(m + i);
-          a.store(alpha + i);
-          at::vec::fmadd(a, Vec::loadu(l + i), sum).store(l + i);
+
+          // GEMM 2: oᵀ = alpha · oᵀ + Vᵀ pᵀ (D × cols)
+          for (int64_t p = 0; p < cols; p += kPanel)
+            for (int64_t d = 0; d < D; d += kRows)
+              with_tile(D - d, (cols - p) / kLanes, [&](auto R, auto C) {
+                value_tile<R, C>(vb + d, D, st + p, bq, nk, ot + d * bq + p, bq, alpha + p);
+              });
         }
 
-        // GEMM 2: oᵀ = alpha · oᵀ + Vᵀ pᵀ (D × cols)
-        for (int64_t p = 0; p < cols; p += kPanel)
-          for (int64_t d = 0; d < D; d += kRows)
-            with_tile(D - d, (cols - p) / kLanes, [&](auto R, auto C) {
-              value_tile<R, C>(vb + d, vs, st + p, bq, nk, ot + d * bq + p, bq, alpha + p);
-            });
-      }
-
-      // out[b, i0 + i, h, :] = oᵀ[:, i] / l[i]
-      transpose(ot, bq, D, nq, rows, D);
-      for (int64_t i = 0; i < nq; ++i) {
-        const float inv = 1.f / l[i];
-        scalar_t* o = out + ((b * N + i0 + i) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(rows[i * D + d] * inv);
+        // out[b, i0 + i, h, :] = oᵀ[:, i] / l[i]
+        transpose(ot, bq, D, nq, rows, D);
+        for (int64_t i = 0; i < nq; ++i) {
+          const float inv = 1.f / l[i];
+          scalar_t* o = out + ((b * N + i0 + i) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(rows[i * D + d] * inv);
+        }
       }
     }
   });
