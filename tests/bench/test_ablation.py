@@ -12,15 +12,15 @@ from click.testing import CliRunner
 from fastldm.bench import ablation as A
 from fastldm.cli import main
 from fastldm.config import UNetConfig
-from fastldm.ops import winograd
+from fastldm.ops import flash_attention_cpu, winograd
 
 TINY = UNetConfig(block_out_channels=(32, 64), layers_per_block=(1, 1), cross_attn=(True, False),
                   attention_heads=(2, 2), transformer_layers_per_block=(1, 1), norm_num_groups=8,
                   cross_attention_dim=16, sample_size=8)
 TINY_XL = dataclasses.replace(TINY, use_linear_projection=True, cross_attention_dim=32, addition_time_embed_dim=8,
                               projection_class_embeddings_input_dim=16 + 6 * 8)
-NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+Winograd", "+CUDA graphs", "diffusers eager",
-         "diffusers + torch.compile"]
+NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+FlashAttn CPU", "+Winograd", "+CUDA graphs",
+         "diffusers eager", "diffusers + torch.compile"]
 
 
 
@@ -46,6 +46,10 @@ def test_ablation_table_on_cpu(one_thread):
         assert rows[name]["na"] == "Triton needs CUDA" and rows[name]["ms"] is None
     assert rows["+CUDA graphs"]["na"] == "CUDA graphs need CUDA"
     assert rows["diffusers + torch.compile"]["na"] == "skipped: --no-compile"
+    flash = rows["+FlashAttn CPU"]  # the C++ kernel, unless this machine cannot build it
+    assert flash["na"] == flash_attention_cpu.unavailable()
+    if flash["na"] is None:
+        assert flash["backends"] == "reference; attention=flash_cpu" and flash["rel_err"] < 1e-5
 
     base, wino, peer = rows["Baseline"], rows["+Winograd"], rows["diffusers eager"]
     params = sum(p.numel() * 4 for p in unet.parameters())

@@ -5,6 +5,7 @@ Rows are cumulative backend sets, applied with `fastldm.ops.use` on top of the r
     +Opt. softmax   attention "triton_softmax" (partially fused softmax, §3.2.1)
     +S-GN/GELU      + group_norm, gelu, geglu "triton" (specialized kernels, §3.1)
     +FlashAttn      attention "triton" (§3.2.2)
+    +FlashAttn CPU  attention "flash_cpu" instead: the same algorithm in C++ for CPUs (ops/flash_attention_cpu.py)
     +Winograd       + conv2d "triton_winograd" on CUDA, "winograd" on CPU (F(4×4, 3×3), §3.3)
     +CUDA graphs    + the step captured and replayed (fastldm.runtime.cuda_graph)
 A row that cannot run on the device is reported as "n/a (why)" and adds nothing to the rows after it, so
@@ -39,13 +40,14 @@ from ..families import PRESETS
 from ..testing import random_module
 from ..errors import BackendUnavailable, RequestError
 from ..models import UNet2DConditionModel
-from ..ops import autotune, registry, winograd
+from ..ops import autotune, flash_attention_cpu, registry, winograd
 
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("Baseline", {}),
     ("+Opt. softmax", {"attention": "triton_softmax"}),
     ("+S-GN/GELU", {"group_norm": "triton", "gelu": "triton", "geglu": "triton"}),
     ("+FlashAttn", {"attention": "triton"}),
+    ("+FlashAttn CPU", {"attention": "flash_cpu"}),
     ("+Winograd", {"conv2d": "winograd"}),  # "triton_winograd" on CUDA; 3×3 stride-1 convs only
     ("+CUDA graphs", {}),
 ]
@@ -183,6 +185,13 @@ def _backend_set(backends: dict[str, str], device: torch.device, dtype: torch.dt
             yield
 
 
+def _cpu_kernel_problem(backends: dict[str, str], device: torch.device) -> str | None:
+    """Why a row that forces the C++ CPU attention cannot run here: another device, or no build."""
+    if "flash_cpu" not in backends.values():
+        return None
+    return "flash_cpu is a CPU kernel" if device.type != "cpu" else flash_attention_cpu.unavailable()
+
+
 def _run(step: Callable, args: dict, backends: dict[str, str], device: torch.device, dtype: torch.dtype):
     with _backend_set(backends, device, dtype):
         return step(**args)
@@ -202,7 +211,8 @@ def _fastldm_rows(unet: nn.Module, args: dict, device: torch.device,
         missing = [f"{b} for {op}" for op, b in extra.items() if b not in registry.backends(op)]
         why = ("Triton needs CUDA" if device.type != "cuda" and any(b.startswith("triton") for b in extra.values())
                else "CUDA graphs need CUDA" if graphs and device.type != "cuda"
-               else f"backend {', '.join(missing)} is not registered (pip install triton)" if missing else None)
+               else f"backend {', '.join(missing)} is not registered (pip install triton)" if missing
+               else _cpu_kernel_problem(extra, device))
         if why is not None:
             rows.append((Row(name, label, na=why), None))
             continue

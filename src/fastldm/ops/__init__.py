@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blocked_attention, reference, winograd
+from . import blocked_attention, flash_attention_cpu, reference, winograd
 from .registry import BackendUnavailable, Kernels, active, backends, dispatch, prefer, register, select, use, using
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
@@ -12,6 +12,9 @@ for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
 register("conv2d", "winograd", winograd.conv2d, winograd.supports, priority=-150)
 # Query-blocked attention beats torch's fused CPU kernel at SD's long self-attention (measured, see its file).
 register("attention", "blocked", blocked_attention.attention, blocked_attention.supports, priority=0)
+# Flash attention in C++ (built on first use): beats torch's kernel in fp32 at SD's shapes (measured on AVX2,
+# see its file); below "blocked", which has the measurements on native-bf16 CPUs.
+register("attention", "flash_cpu", flash_attention_cpu.attention, flash_attention_cpu.supports, priority=-10)
 
 from . import triton  # noqa: E402,F401  (registers the Triton kernels when triton is installed)
 
