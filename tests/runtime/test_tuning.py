@@ -59,7 +59,8 @@ def test_bf16_measured_faster_is_taken_and_native_bf16_is_not_measured(monkeypat
 
 def test_fastest_attention_backend_wins(monkeypatch):
     _fake_cpu(monkeypatch, {"avx512f", "avx512_bf16"})
-    _fake_times(monkeypatch, {"reference.attention bfloat16": 10.0, "blocked_attention.attention bfloat16": 2.0})
+    others = {f"{b}.attention bfloat16": 10.0 for b in ("reference", "flash_attention_cpu", "blocked_attention")}
+    _fake_times(monkeypatch, others | {"blocked_attention.attention bfloat16": 2.0})
     choice = tuning.measure(PRESETS["sd1"])
     assert choice.attention == "blocked" and choice.preferred() == {("attention", "cpu", choice.torch_dtype):
                                                                      "blocked"}

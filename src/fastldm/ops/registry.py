@@ -124,12 +124,19 @@ def selection() -> tuple:
     return forced, preferred
 
 
+@torch.compiler.assume_constant_result
+def _preferred_backend(op: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """The backend preferred for `op` on this device type and dtype, if any; read at trace time under
+    torch.compile, as `_forced_backend` is."""
+    return _active.get().preferred.get((op, device_type, dtype))
+
+
 def _auto_order(op: str, args: tuple) -> list[Backend]:
     """The order `auto` tries backends in: the preferred one for this call first, then by priority."""
-    first, preferred = args[0] if args else None, _active.get().preferred
-    if not preferred or not isinstance(first, torch.Tensor):
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
         return _backends[op]
-    name = preferred.get((op, first.device.type, first.dtype))
+    name = _preferred_backend(op, first.device.type, first.dtype)
     return _backends[op] if name is None else sorted(_backends[op], key=lambda b: b.name != name)
 
 
