@@ -32,7 +32,7 @@ import torch
 
 from fastldm import ops as fops
 from fastldm.bench.ablation import random_unet, unet_inputs
-from fastldm.config import PRESETS
+from fastldm.families import PRESETS
 from fastldm.ops import autotune, registry
 
 CEILING = 2048  # the fp32 matmul that stands for the machine's GEMM ceiling: CEILING³

@@ -100,7 +100,7 @@ def step_flops(sizes: list[int]) -> dict:
     """{size: {"conv": TFLOP, "matmul": TFLOP}} of one CFG UNet call, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastldm.config import PRESETS
+    from fastldm.families import PRESETS
     from fastldm.loading.load import _MODELS
 
     with torch.device("meta"):

@@ -156,3 +156,10 @@ def test_torch_compile_traces_one_opaque_call(built):
     with torch.no_grad():
         out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
     assert torch.equal(out, step(q, k, v))
+
+
+def test_the_library_runs_on_torchs_threads(built):
+    """at::parallel_for is a serial loop in a translation unit compiled without OpenMP: the built library
+    must open OpenMP parallel regions (on torch's libgomp), or the kernel silently runs on one thread."""
+    library = native_build.load_library(flash.LIBRARY, native_build.cache_dir())  # already loaded: found
+    assert b"GOMP_parallel" in library.read_bytes()

@@ -42,7 +42,7 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
                "-DCPU_CAPABILITY_AVX512"),
 }
-COMMON_FLAGS = ("-O3", "-fvisibility=hidden")
+COMMON_FLAGS = ("-O3", "-fvisibility=hidden", "-fopenmp")  # -fopenmp: at::parallel_for is serial without it
 
 
 def cache_dir() -> Path:
