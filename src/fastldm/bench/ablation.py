@@ -73,15 +73,19 @@ def random_unet(config: UNetConfig, device: str | torch.device = "cpu", dtype: t
     biases, so activations stay O(1) (no overflow in fp16) as with trained weights."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(config)
-    unet = unet.to(dtype).to_empty(device=device)
+    return random_weights_(unet.to(dtype).to_empty(device=device), seed).eval()
+
+
+def random_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded random weights in place, as `random_unet` describes (any model: the VAE too)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in unet.named_parameters():
+        for name, p in module.named_parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
             else:
                 p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return unet.eval()
+    return module
 
 
 def unet_inputs(config: UNetConfig, latent: int, device, dtype: torch.dtype, batch: int = 2,
