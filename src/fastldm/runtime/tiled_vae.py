@@ -104,13 +104,14 @@ def _halo(steps: list[Step]) -> tuple[int, int]:
     return need, align
 
 
-def state_sizes(steps: list[Step], channels: int, f: int) -> list[list[tuple[int, int]]]:
+def state_sizes(steps: list[Step], channels: int, f: int) -> list[dict[int, tuple[int, int]]]:
     """Per step index, and one past the end: the distinct full-size tensors of the state at its input — the
-    activation and the residuals saved for later adds — as (channels, level f)."""
-    h, stack, sizes = (channels, f, 0), [], []
+    activation and the residuals saved for later adds — as {tensor id: (channels, level f)}. A tensor keeps
+    its id from the step that makes it until it is consumed, so two states share what has the same ids."""
+    h, stack, sizes = (0, channels, f), [], []
     for i, s in enumerate(steps):
-        sizes.append(list({t[2]: t[:2] for t in [h, *stack]}.values()))
-        c, f = h[:2]
+        sizes.append({t[0]: t[1:] for t in [h, *stack]})
+        c, f = h[1:]
         if s.kind == "save":
             stack.append(h)
             continue
@@ -118,8 +119,8 @@ def state_sizes(steps: list[Step], channels: int, f: int) -> list[list[tuple[int
             stack.pop()
         c = s.module.out_channels if s.kind == "conv" else c
         f = 2 * f if s.kind == "up" else f // 2 if s.kind == "down" else f
-        h = (c, f, i + 1)  # a new tensor
-    return sizes + [[h[:2]]]
+        h = (i + 1, c, f)  # a new tensor
+    return sizes + [{h[0]: h[1:]}]
 
 
 def _cores(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
@@ -198,7 +199,7 @@ class _Tiling:
                  stats: str = "exact"):
         if stats not in STATS:
             raise ValueError(f"unknown GroupNorm statistics {stats!r}; use one of {', '.join(STATS)}")
-        self.steps, self.budget, self.mode, self.x, self.tile = steps, budget, stats, x, tile
+        self.steps, self.budget, self.mode, self.x, self.f, self.tile = steps, budget, stats, x, f, tile
         self.smaller: _Tiling | None = None  # the run on the subsampled input (stats="estimate")
         self.lh, self.lw = x.shape[-2] // f, x.shape[-1] // f
         self.cores = _cores(self.lh, self.lw, tile)
@@ -208,11 +209,15 @@ class _Tiling:
         self.stats: dict[int, tuple] = {}
         self.done = 0  # barriers before this step are processed
 
-    def _state_bytes(self, index: int) -> int:
-        return sum(self.batch * c * self.lh * self.lw * f * f * self.itemsize for c, f in self.sizes[index])
+    def _new_bytes(self, index: int) -> int:
+        """Bytes a checkpoint at step `index` adds to the current one (the tensors they share are not copied)."""
+        old = self.sizes[self.ckpt.index]
+        return sum(self.batch * c * self.lh * self.lw * f * f * self.itemsize
+                   for t, (c, f) in self.sizes[index].items() if t not in old)
 
     def _segment(self, core, stop: int):
-        """Run one tile from the checkpoint to step `stop` (excluded): (activation, residuals, y0, x0, f)."""
+        """Run one tile from the checkpoint to step `stop` (excluded): (activation, residuals, y0, x0, f,
+        [(tile view, the checkpoint tensor it views)])."""
         c = self.ckpt
         halo, align = _halo(self.steps[c.index:stop])
         H, W = c.h.shape[-2:]
@@ -222,6 +227,7 @@ class _Tiling:
         x1 = min(W, -(-(core[3] * c.f + halo) // align) * align)
         h, f = c.h[..., y0:y1, x0:x1], c.f
         stack = [t[..., y0:y1, x0:x1] for t in c.stack]
+        views = [(h, c.h), *zip(stack, c.stack)]
         for i in range(c.index, stop):
             s = self.steps[i]
             if s.kind == "save":
@@ -235,7 +241,7 @@ class _Tiling:
                 h = s.module(h)
                 if s.kind != "conv":
                     f, y0, x0 = (2 * f, 2 * y0, 2 * x0) if s.kind == "up" else (f // 2, y0 // 2, x0 // 2)
-        return h, stack, y0, x0, f
+        return h, stack, y0, x0, f, views
 
     @staticmethod
     def _core_of(t: torch.Tensor, core, y0: int, x0: int, f: int) -> torch.Tensor:
@@ -246,20 +252,24 @@ class _Tiling:
         the state written into full-size tensors (a new checkpoint)."""
         moments, full = None, None
         for core in self.cores:
-            h, stack, y0, x0, f = self._segment(core, stop)
+            h, stack, y0, x0, f, views = self._segment(core, stop)
             if groups is not None:
                 moments = _merge(moments, _moments(self._core_of(h, core, y0, x0, f), groups))
             if keep:
                 state = [h, *stack]
                 distinct = list({id(t): t for t in state}.values())  # a residual saved just now *is* h
                 if full is None:
-                    full = [torch.empty(*t.shape[:2], self.lh * f, self.lw * f, dtype=t.dtype, device=t.device,
-                                        memory_format=_format(t)) for t in distinct]
+                    # What is still a view of the checkpoint (a residual saved before it) is shared, not copied.
+                    shared = [next((whole for view, whole in views if view is t), None) for t in distinct]
+                    full = [whole if whole is not None else
+                            torch.empty(*t.shape[:2], self.lh * f, self.lw * f, dtype=t.dtype, device=t.device,
+                                        memory_format=_format(t)) for t, whole in zip(distinct, shared)]
                     ids = [id(t) for t in distinct]
                     order = [ids.index(id(t)) for t in state]
-                for t, dst in zip(distinct, full):
-                    self._core_of(dst, core, 0, 0, f).copy_(self._core_of(t, core, y0, x0, f))
-            del h, stack
+                for t, dst, whole in zip(distinct, full, shared):
+                    if whole is None:
+                        self._core_of(dst, core, 0, 0, f).copy_(self._core_of(t, core, y0, x0, f))
+            del h, stack, views
         if keep:
             self.ckpt = _Checkpoint(stop, f, full[order[0]], [full[j] for j in order[1:]])
         return moments
@@ -270,10 +280,12 @@ class _Tiling:
             s = self.steps[k]
             if s.kind == "attn":
                 self._pass(k, keep=True, groups=None)
+                if self.ckpt.h is self.x:  # the caller's: attention writes in place
+                    self.ckpt.h = self.x.clone()
                 _attention(s.module, self.ckpt.h)
                 self.ckpt.index = k + 1
             elif s.kind == "norm":
-                fits = self.budget is None or self.ckpt.nbytes + self._state_bytes(k) <= self.budget
+                fits = self.budget is None or self.ckpt.nbytes + self._new_bytes(k) <= self.budget
                 self.stats[k] = (self._pass(k, keep=fits, groups=s.module.num_groups)
                                  if fits or self.mode == "exact" else self._estimate(k))
         self.done = max(self.done, stop)
@@ -281,7 +293,7 @@ class _Tiling:
     def _estimate(self, k: int):
         """Statistics of step k from the same run on the input subsampled 2× (stats="estimate")."""
         if self.smaller is None:
-            f = self.sizes[0][0][1]  # the input's level
+            f = self.f
             x = self.x[..., ::2, ::2]
             x = x[..., :x.shape[-2] // f * f, :x.shape[-1] // f * f]
             small = min(x.shape[-2:]) < MIN_ESTIMATE * f  # statistics of a tiny image are not the image's
@@ -364,21 +376,23 @@ def tiled_decode_peak_bytes(config: VAEConfig, height: int, width: int, tile: in
     sizes = state_sizes(steps, config.latent_channels, 1)
     itemsize = torch.empty((), dtype=dtype).element_size()
 
-    def nbytes(index):
-        return sum(batch * c * height * width * f * f * itemsize for c, f in sizes[index])
+    def nbytes(tensors: dict) -> int:
+        return sum(batch * c * height * width * f * f * itemsize for c, f in tensors.values())
 
-    held = peak = nbytes(0)
-    start, halo = 0, 0
+    held, start, halo = sizes[0], 0, 0
+    peak = nbytes(held)
     for k, s in enumerate(steps + [Step("end")]):
         if s.kind not in ("attn", "norm", "end"):
             continue
-        new = nbytes(k)
-        keep = s.kind != "norm" or budget is None or held + new <= budget
-        halo = max(halo, -(-_halo(steps[start:k])[0] // sizes[start][0][1]))  # in latent pixels
+        new = {t: v for t, v in sizes[k].items() if t not in held}
+        keep = s.kind != "norm" or budget is None or nbytes(held) + nbytes(new) <= budget
+        level = next(iter(sizes[start].values()))[1]  # of the checkpoint's activation
+        halo = max(halo, -(-_halo(steps[start:k])[0] // level))  # in latent pixels
         if keep:
-            peak = max(peak, held + new)
-            held, start = new, k
+            peak = max(peak, nbytes(held) + nbytes(new))
+            held, start = sizes[k], k
         if s.kind == "attn":
-            peak = max(peak, 3 * held)  # the activation, K and V
+            peak = max(peak, 3 * nbytes(held))  # the activation, K and V
+            held, start = sizes[k + 1], k + 1
     t = min(tile + 2 * halo, max(height, width))
     return peak + decode_peak_bytes(config, min(t, height), min(t, width), dtype, batch, channels_last)
