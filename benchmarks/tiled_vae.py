@@ -34,9 +34,9 @@ def build(size: int, seed: int = 0) -> tuple[AutoencoderKL, torch.Tensor]:
 
 
 def parse(config: str) -> tuple[str, int, int | None]:
-    """"stats:tile[:budget]" -> (stats, tile, budget)."""
-    parts = config.split(":")
-    return parts[0], int(parts[1]), int(float(parts[2])) if len(parts) > 2 else None
+    """"stats:tile[:budget]" -> (stats, tile, budget); "untiled" -> ("untiled", 0, None)."""
+    parts = config.split(":") + ["0"]
+    return parts[0], int(parts[1]), int(float(parts[2])) if len(parts) > 3 else None
 
 
 def image(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -215,8 +214,11 @@ def bench_memory(folder: str, width: int = 512, height: int = 512, dtype: str | 
                 rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
     import torch
 
+    from ..runtime.device import cpu_info
+
+    cpu = cpu_info()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "machine": f"{cpu.name}, {cpu.cpus} CPUs, native bf16: {cpu.bf16}",
             "torch": torch.__version__, "model": str(folder), "size": f"{width}x{height}",
             "dtype": dtype or "engine default", "steps": steps, "guidance": GUIDANCE, "threads": torch.get_num_threads(),
             "loadavg": os.getloadavg()}
