@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastldm.runtime.memory_trace import MiB, MemoryTrace
+from fastldm.runtime.memory_trace import MemoryTrace, MiB
 
 N = MiB // 4  # float32 elements in 1 MiB
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomize_
+
 from fastldm.config import VAEConfig
 from fastldm.models import AutoencoderKL
 from fastldm.runtime import tiled_vae as T

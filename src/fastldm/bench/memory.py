@@ -206,7 +206,7 @@ def bench_memory(folder: str, width: int = 512, height: int = 512, dtype: str | 
                 continue  # the same as fastldm before the decode
             cmd = [sys.executable, "-m", "fastldm.bench.memory", engine, stage, str(folder), str(width), str(height),
                    dtype or "", str(steps)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if p.returncode:
                 tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
                 rows.append(asdict(StageResult(engine, stage, na=f"failed: {tail}")))
