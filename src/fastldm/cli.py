@@ -473,5 +473,40 @@ def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, jso
     click.echo(table)
 
 
+@bench.command("memory")
+@click.option("--model", "-m", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a diffusers folder (both engines load it)")
+@click.option("--size", default="512x512", show_default=True, help="WIDTHxHEIGHT")
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="default: each engine's (fastldm: bf16 on CPUs with native bf16, else fp32; diffusers: fp32)")
+@click.option("--steps", default=2, show_default=True, type=click.IntRange(1, 1000), help="guided denoising steps")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["fastldm", "fastldm-tiled", "diffusers",
+              "diffusers-lowmem"]), help="repeatable (default: all)")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["load", "text", "denoise", "decode"]),
+              help="repeatable (default: all)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the result as JSON")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), help="write the table")
+def bench_memory(model, size, dtype, steps, engines, stages, json_path, md_path) -> None:
+    """Peak RSS (RssAnon / RssFile), Weight MB, Tensor MB and its live-set lower bound per stage (load, text
+    encode, denoise, decode), each in a fresh process, for fastldm and diffusers with and without its memory
+    options, on the same folder."""
+    import json
+
+    from .bench.memory import ENGINES, STAGES, bench_memory as run, markdown
+
+    width, height = _size(size)
+    try:
+        result = run(str(model), width, height, dtype, steps, tuple(engines) or tuple(ENGINES),
+                     tuple(stages) or STAGES)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
+    table = markdown(result)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+    if md_path:
+        md_path.write_text(table + "\n")
+    click.echo(table)
+
 if __name__ == "__main__":
     main()

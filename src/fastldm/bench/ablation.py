@@ -17,8 +17,11 @@ Per row: latency of one UNet call at batch 2 (classifier-free guidance), the med
 run every row once in turn (A, B, C, A, B, C, …) after warm-up, timed with CUDA events on a GPU and
 perf_counter on a CPU; Tensor MB, the peak bytes one call allocates above what was live before it (CUDA:
 max_memory_allocated; CPU: the allocation events of torch.profiler's memory profile, so buffers inside
-ops and compiled code count too); Weight MB, the parameter bytes plus the transformed weights Winograd
-keeps; the first call's time (compilation, capture); and max|out − Baseline out| / max|Baseline out|.
+ops and compiled code count too); beside it the live-set lower bound of the same call's op order, from
+fastldm.runtime.memory_trace (every op output freed right after its last use; a CUDA graph replays the op
+order of the row before it; n/a under torch.compile, whose kernels allocate out of the dispatcher's sight);
+Weight MB, the parameter bytes plus the transformed weights Winograd keeps; the first call's time
+(compilation, capture); and max|out − Baseline out| / max|Baseline out|.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from ..testing import random_module
 from ..errors import BackendUnavailable, RequestError
 from ..models import UNet2DConditionModel
 from ..ops import autotune, flash_attention_cpu, registry, winograd
+from ..runtime.memory_trace import MemoryTrace
 
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("Baseline", {}),
@@ -61,6 +65,7 @@ class Row:
     backends: str                       # what ran: "reference" plus the ops forced to another backend
     ms: float | None = None             # median per-call latency
     tensor_mb: float | None = None
+    bound_mb: float | None = None       # live-set lower bound of the op order (MemoryTrace)
     weight_mb: float | None = None
     first_call_s: float | None = None
     rel_err: float | None = None        # max|out − Baseline out| / max|Baseline out|
@@ -259,7 +264,7 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
         winograd.weights().max_bytes = max(winograd.weights().max_bytes, 2 * _winograd_bytes(unet))
     candidates = _fastldm_rows(unet, args, device, dtype) + (_peer_rows(unet, args, with_compile) if peers else [])
     params = _param_bytes(unet)
-    runnable, ref = [], None
+    runnable, ref, bound = [], None, None
     with torch.inference_mode(), registry.using(kernels):
         for row, fn in candidates:
             if fn is None:
@@ -286,8 +291,16 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
                 row.rel_err = float((out - ref).abs().max() / ref.abs().max())
             derived = winograd.weights().nbytes if "winograd" in row.backends else 0
             row.weight_mb = round((params + derived) / 2**20, 1)
-            tensor = first_peak if "CUDA graph" in row.backends else peak_bytes(fn, device)
+            if "CUDA graph" in row.backends:
+                tensor = first_peak  # and `bound` stays the captured row's
+            elif "inductor" in row.backends:
+                tensor, bound = peak_bytes(fn, device), None
+            else:
+                with MemoryTrace() as trace:
+                    tensor = peak_bytes(fn, device)
+                bound = trace.report().lower_bound_bytes
             row.tensor_mb = round(tensor / 2**20, 1)
+            row.bound_mb = None if bound is None else round(bound / 2**20, 1)
             runnable.append((row, fn))
         times: dict[str, list[float]] = {row.name: [] for row, _ in runnable}
         for _ in range(repeats):
@@ -302,6 +315,7 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
             "timer": "CUDA events" if device.type == "cuda" else "time.perf_counter",
             "tensor_mb": ("max_memory_allocated above the bytes live before the call" if device.type == "cuda"
                           else "torch.profiler CPU allocation events: peak above the bytes live before the call"),
+            "lower_bound": "MemoryTrace: the op order's live set with every output freed after its last use",
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     try:
         import diffusers
@@ -346,15 +360,16 @@ def markdown(result: dict) -> str:
     size = f"{m['size']}² image, " if "size" in m else ""
     head = (f"{m.get('model', 'UNet')}: {size}{m['latent']}² latent, batch {m['batch']} (guided), {m['dtype']}, "
             f"{m['device_kind']}, torch {m['torch']}, median of {m['repeats']} ({m['timer']}); "
-            f"Tensor MB: {m['tensor_mb']}")
-    columns = ["row", "backends", "ms / UNet call", "× Baseline", "Tensor MB", "Weight MB", "first call (s)",
-               "rel. Δ vs Baseline"]
-    lines = [head, "", "| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * 6]
+            f"Tensor MB: {m['tensor_mb']}; lower bound: {m.get('lower_bound', 'n/a')}")
+    columns = ["row", "backends", "ms / UNet call", "× Baseline", "Tensor MB", "lower bound", "Weight MB",
+               "first call (s)", "rel. Δ vs Baseline"]
+    lines = [head, "", "| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * 7]
     for r in rows:
         if r["na"] is not None:
-            lines.append(f"| {r['name']} | {r['backends']} | n/a ({r['na']}) | | | | | |")
+            lines.append(f"| {r['name']} | {r['backends']} | n/a ({r['na']}) | | | | | | |")
             continue
         speed = f"{base / r['ms']:.2f}" if base else ""
-        lines.append(f"| {r['name']} | {r['backends']} | {r['ms']:.1f} | {speed} | {r['tensor_mb']:.1f} | "
+        bound = "n/a" if r.get("bound_mb") is None else f"{r['bound_mb']:.1f}"
+        lines.append(f"| {r['name']} | {r['backends']} | {r['ms']:.1f} | {speed} | {r['tensor_mb']:.1f} | {bound} | "
                      f"{r['weight_mb']:.1f} | {r['first_call_s']:.2f} | {r['rel_err']:.1e} |")
     return "\n".join(lines)
