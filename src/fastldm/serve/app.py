@@ -10,8 +10,7 @@ Errors. A user-fixable error (fastldm.errors: a bad field, an unknown model, a f
 traceback. Bodies are shaped as each API's clients expect: A1111 `{"error", "detail", "body", "errors"}`,
 everything else OpenAI's `{"error": {"message", "type", "param", "code"}}`; `param` names the field as that API
 calls it (`cfg_scale` for A1111, `size` for OpenAI's width and height). A full queue adds `Retry-After`, a
-missing API key `WWW-Authenticate: Basic`. Request bodies are capped (`max_body_bytes`, FastAPI's
-`max_body_size`): 413.
+missing API key `WWW-Authenticate: Basic`. Request bodies are capped (`max_body_bytes`, security.py): 413.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ from .catalog import ModelCatalog
 from .jobs import JobStore
 from .metrics import Metrics
 from .scheduler import Scheduler
-from .security import require_key
+from .security import BodyLimit, require_key
 from .settings import Settings
 
 log = logging.getLogger("fastldm.serve")
@@ -81,10 +80,11 @@ def create_app(settings: Settings = Settings(), load: Callable | None = None) ->
         yield
         await run_in_threadpool(scheduler.close)
 
-    app = FastAPI(title="fastldm", version=__version__, lifespan=lifespan, max_body_size=settings.max_body_bytes,
+    app = FastAPI(title="fastldm", version=__version__, lifespan=lifespan,
                   description="Latent diffusion server: A1111 and OpenAI compatible APIs, async jobs with "
                               "server-sent events, step-level batching of concurrent requests.")
     app.state.fastldm = ctx
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
