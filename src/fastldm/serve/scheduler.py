@@ -157,7 +157,7 @@ class Worker:
             job.step, job.steps = info["i"] + 1, info["total"]
             job.x0 = info["denoised"][0].detach().clone()    # (C, h, w): previewed on demand
             job.emit("step", step=job.step, steps=job.steps)
-            return job.stop_early or job.cancel_with is not None
+            return job.stop_early
 
         job.projection = self.preview
         try:
