@@ -209,9 +209,10 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--open", "open_page", is_flag=True, help="open the page in the web browser once the server is up")
 @user_errors
 def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_batch, max_size, max_steps, max_n,
-          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level) -> None:
+          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level, open_page) -> None:
     """Serve models over HTTP: A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs, async jobs (/fastldm/v1), and a
     page at / ; concurrent requests are batched step by step."""
     from .serve.server import serve as run_server
@@ -223,7 +224,7 @@ def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_b
                         max_height=height, max_steps=max_steps, max_n=max_n, max_prompt_chars=max_prompt_chars,
                         max_body_bytes=parse_bytes(max_body),
                         model_memory=None if model_memory is None else parse_bytes(model_memory),
-                        device=device, dtype=dtype, threads=threads), log_level=log_level)
+                        device=device, dtype=dtype, threads=threads), log_level=log_level, open_page=open_page)
 
 
 @main.group()

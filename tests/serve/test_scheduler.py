@@ -157,3 +157,14 @@ def test_models_by_listed_name_in_an_lru_within_the_memory_budget(scheduler, emb
     b = ended(sched.submit("COPY", GenerationRequest("a red cube", steps=3, seed=4, width=64, height=64)))
     assert (a.model, b.model) == ("shapes-rgbd", "copy") and sched.loaded() == ["copy"]   # the idle one left
     assert np.array_equal(pixels(a.result), pixels(b.result))
+
+
+def test_a_failing_step_fails_its_jobs_and_the_worker_goes_on(scheduler, monkeypatch):
+    sched = scheduler()
+    worker = sched.worker(None)
+    sched.release(worker)
+    monkeypatch.setattr(worker, "_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    job = ended(sched.submit(None, GenerationRequest("a red cube", steps=3, width=64, height=64)))
+    assert job.status == "failed" and str(job.error) == "boom"
+    monkeypatch.undo()
+    assert ended(sched.submit(None, GenerationRequest("a red cube", steps=3, width=64, height=64))).status == "done"

@@ -137,10 +137,18 @@ class Worker:
                     del self._running[job]
             if closing is not None:
                 return
-            for job in admitted:
-                self._start(job)
-            if self._run.jobs:
-                self._step()
+            try:
+                for job in admitted:
+                    self._start(job)
+                if self._run.jobs:
+                    self._step()
+            except Exception as e:   # a bug in the loop: fail what is in flight, keep serving
+                log.error("worker %s: the batch failed", self.name, exc_info=e)
+                with self._cond:
+                    failed, self._running = list(self._running), OrderedDict()
+                self._run = BatchedRun(self.pipe)
+                for job in failed:
+                    self._end(job, error=e)
 
     def _admit(self) -> list[ServeJob]:
         """Queued jobs that join the next step (the caller holds the lock)."""

@@ -11,6 +11,7 @@ are given a few seconds), so nothing hangs.
 from __future__ import annotations
 
 import logging
+import webbrowser
 
 import uvicorn
 
@@ -20,14 +21,16 @@ from .settings import Settings
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_exit, banner: str):
+    def __init__(self, config: uvicorn.Config, on_exit, banner: str, open_url: str | None):
         super().__init__(config)
-        self._on_exit, self._banner = on_exit, banner
+        self._on_exit, self._banner, self._open_url = on_exit, banner, open_url
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)   # the app's startup (the default model is loaded), then the socket
         if self.started:
             print(self._banner, flush=True)
+            if self._open_url:
+                webbrowser.open(self._open_url)
 
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
@@ -35,8 +38,9 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: Settings, log_level: str = "info") -> None:
-    """Configure this process, start the server on settings.host:port and block until Ctrl-C."""
+def serve(settings: Settings, log_level: str = "info", open_page: bool = False) -> None:
+    """Configure this process, start the server on settings.host:port and block until Ctrl-C; `open_page` opens
+    the page in the default web browser once the server is up."""
     configure_process(settings.threads)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(settings)
@@ -47,6 +51,6 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     banner = (f"fastldm serving {app.state.fastldm.catalog.default.name} at {url}/  (API docs: {url}/docs; "
               "Ctrl-C stops)")
     try:
-        _Server(config, lambda: scheduler.close(wait_s=0.0), banner).run()
+        _Server(config, lambda: scheduler.close(wait_s=0.0), banner, f"{url}/" if open_page else None).run()
     except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it handled once it has shut down
         pass
