@@ -31,23 +31,9 @@ def make_folder(path: Path) -> None:
     """A full SD 1.5 architecture with random fp16 weights, saved as a diffusers folder."""
     import torch
 
-    from fastldm.families import PRESETS
-    from fastldm.loading.load import _MODELS
-    from fastldm.loading.save import save_folder
-    from fastldm.tokenizer import CLIPTokenizer
+    from fastldm.testing import save_random_folder
 
-    cfg = PRESETS["sd1"]
-    modules = {}
-    g = torch.Generator().manual_seed(0)
-    for name in ("text_encoder", "unet", "vae"):
-        with torch.device("meta"):
-            m = _MODELS[name](getattr(cfg, name))
-        m = m.to_empty(device="cpu").to(torch.float16)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        modules[name] = m
-    save_folder(cfg, modules, {"tokenizer": CLIPTokenizer.bundled()}, path)
+    save_random_folder("sd1", path, dtype=torch.float16)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastldm.testing import randomize_, rel_err  # noqa: E402,F401  (re-exported for the test modules)
+
 # diffusers-style UNet configs small enough for CPU tests, one per family feature we must cover.
 UNET_CASES = {
     "sd1": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=16,
@@ -36,18 +38,6 @@ UNET_CASES = {
                 attention_head_dim=4, time_cond_proj_dim=12, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
 }
-
-
-def randomize_(module: torch.nn.Module, seed: int, std: float = 0.15) -> torch.nn.Module:
-    """Overwrite every parameter with seeded noise, so no path is hidden by zero/identity init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight") and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
-    return module
 
 
 def diffusers_unet(case: str, seed: int = 0):
@@ -85,10 +75,6 @@ def clip_state_dict(hf_model) -> dict[str, torch.Tensor]:
             for k, v in sd.items() if not k.endswith("position_ids")}
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tiny tensors, restored afterwards: they gain nothing from threads, and
@@ -97,6 +83,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """fastldm's on-disk caches (the measured CPU defaults, compiled graphs) in a folder of this test run, not
+    the user's ~/.cache: tests neither read a stale choice nor leave files behind."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
 
 
 @pytest.fixture

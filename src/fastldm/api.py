@@ -9,10 +9,11 @@ import torch
 from . import __version__
 from .errors import CheckpointError, RequestError, SettingError
 from .images import infotext, save_depth_png, save_png
-from .loading.load import load_components
+from .loading.load import load_components, read_config
 from .pipeline import Pipeline
 from .ops.registry import Kernels
 from .runtime.optimize import optimize
+from .runtime.tuning import choose
 from .samplers import resolve_sampler
 from .tokenizer import CLIPTokenizer
 
@@ -42,7 +43,7 @@ def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
          compile: bool | None = None, quant: str | None = None, cuda_graphs: bool = False,
-         backends: dict[str, str] | None = None) -> Pipeline:
+         backends: dict[str, str] | None = None, tune: bool = True) -> Pipeline:
     """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
 
     dtype: "fp32" | "fp16" | "bf16" (default: fp16 on CUDA; on CPU bf16 where it has native bf16 dot
@@ -51,18 +52,26 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     "v_prediction" when the checkpoint cannot tell. Runtime (fastldm.runtime): compile: the UNet through
     torch.compile (default off); quant: "int8" for int8 weights and activations in the UNet (CPU);
     cuda_graphs: capture and replay the UNet call as a CUDA graph (CUDA only); backends: {op: backend} forced
-    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}.
+    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}. tune: on a CPU
+    with no dtype given, pick the dtype and the attention kernel by measuring them on this model's shapes the
+    first time (seconds; cached on disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
 
     Loading changes nothing outside the pipeline it returns: torch's thread count, the allocator and the
     compile cache's folder are the program's to set (`fastldm.runtime.device.configure_process`, which the
     CLI and the server call)."""
-    path = Path(path).expanduser()
-    kernels = Kernels(forced=dict(backends or {}))
-    config, modules = load_components(path, device=device, dtype=parse_dtype(dtype), variant=variant,
+    path, dtype = Path(path).expanduser(), parse_dtype(dtype)
+    choice = None
+    if tune and dtype is None and torch.device(device).type == "cpu":
+        config = read_config(path, prediction_type)
+        choice = None if config is None else choose(config)
+        dtype = None if choice is None else choice.torch_dtype
+    kernels = Kernels(forced=dict(backends or {}), preferred={} if choice is None else choice.preferred())
+    config, modules = load_components(path, device=device, dtype=dtype, variant=variant,
                                       allow_pickle=allow_pickle, prediction_type=prediction_type)
     optimize(modules, torch.device(device), quant=quant)
     pipe = Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
                     source=path, kernels=kernels)
+    pipe.runtime_choice = choice
     if compile:
         pipe.unet_runtime.compile()
     if cuda_graphs:
@@ -106,7 +115,7 @@ def parameters_text(pipe: Pipeline, result, index: int) -> str:
               "Denoising strength": f"{r.strength:g}" if r.init_image is not None else None,
               "Early stop": f"{r.early_stop:g}" if r.early_stop is not None else None,
               "DeepCache interval": r.cache_interval if r.cache_interval > 1 else None,
-              "Version": f"fastldm {__version__}"}
+              "Version": f"fastldm {__version__}" + (f" ({pipe.runtime_choice})" if pipe.runtime_choice else "")}
     return infotext(r.prompt, r.negative_prompt, params)
 
 

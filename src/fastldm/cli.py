@@ -232,6 +232,18 @@ def steps() -> None:
     """Step prediction: label prompts with the steps they need, train the predictor behind --steps auto."""
 
 
+def _grid(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        grid = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of step counts, e.g. 4,8,12,20") from None
+    if list(grid) != sorted(set(grid)) or grid[0] < 1:
+        raise click.BadParameter(f"{value!r}: give increasing positive step counts")
+    return grid
+
+
 @steps.command("label")
 @click.option("--model", "-m", type=click.Path(path_type=Path), help="default: the embedded model")
 @click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -241,18 +253,23 @@ def steps() -> None:
 @click.option("--guidance", "--cfg", default=None, type=float,
               help="classifier-free guidance scale (default: the model's, 7.5 for Stable Diffusion)")
 @click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+@click.option("--grid", default=None, help="step counts to render, comma-separated, increasing "
+              "(default: fastldm.tools.steps.labels.STEP_GRID, 1-12, 14, 16, 20, 30)")
 @click.option("--tau", default=None, type=float,
               help="SSIM threshold of a label (default: fastldm.tools.steps.labels.DEFAULT_TAU)")
 @click.option("--seed", default=0, show_default=True, type=int, help="prompt i uses seed + i")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 256))
-@click.option("--judge", type=click.Choice(["shapes"]), help="also record ShapesWorld's evaluator per image")
+@click.option("--judge", type=click.Choice(["shapes"]),
+              help="record ShapesWorld's evaluator per image: quality labels (without: SSIM labels)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="label table (JSON); an existing one for the same prompts is resumed")
 @click.option("--device", default="cpu", show_default=True)
-def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, batch, judge, out, device) -> None:
-    """Generate each prompt at 4..50 steps and label it with the fewest steps within SSIM TAU of 50."""
+def steps_label(model, prompts, sampler, scheduler, guidance, size, grid, tau, seed, batch, judge, out,
+                device) -> None:
+    """Generate each prompt at every count of the grid and label it: with a judge, the fewest steps from which its
+    image is judged right (quality); without, the fewest within SSIM TAU of the most steps."""
     from . import api
-    from .tools.steps.labels import LabelTable, build_label_table, shapes_judge
+    from .tools.steps.labels import NEVER, STEP_GRID, LabelTable, build_label_table, shapes_judge
 
     width, height = _size(size)
     lines = [p.strip() for p in prompts.read_text(encoding="utf-8").splitlines() if p.strip()]
@@ -264,12 +281,14 @@ def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, b
                 t.save(out)
                 bar.update(len(t.prompts) - bar.pos)
             table = build_label_table(pipe, lines, sampler, scheduler=scheduler, guidance=guidance, width=width,
-                                      height=height, tau=tau, seed=seed, batch=batch, table=table, on_batch=saved,
-                                      judge=shapes_judge if judge == "shapes" else None)
+                                      height=height, steps=_grid(grid) or STEP_GRID, tau=tau, seed=seed, batch=batch,
+                                      table=table, on_batch=saved, judge=shapes_judge if judge == "shapes" else None)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         _fail(e)
     labels = table.labels()
-    click.echo(f"{out}: {len(labels)} prompts, mean label {labels.mean():.1f} steps (tau {table.tau:g})")
+    some = labels[labels != NEVER] if table.kind == "quality" else labels
+    click.echo(f"{out}: {len(labels)} prompts, {table.kind} labels, mean {some.mean() if some.size else 0:.1f} steps"
+               + (f" (tau {table.tau:g})" if table.kind == "ssim" else f", {len(labels) - some.size} never right"))
 
 
 @steps.command("train")
@@ -277,15 +296,18 @@ def steps_label(model, prompts, sampler, scheduler, guidance, size, tau, seed, b
 @click.option("--labels", "tables", required=True, multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="label table(s), one per sampler")
 @click.option("--eval-labels", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="held-out label table(s) to report the error on, same samplers as --labels")
+              help="held-out label table(s), same samplers as --labels: the error, and with a judge's verdicts "
+                   "whether the predictor beats the best fixed count (else the constant is saved)")
+@click.option("--kind", type=click.Choice(["quality", "ssim"]), default=None,
+              help="labels to learn (default: quality when the table has a judge's verdicts, else ssim)")
 @click.option("--tau", default=None, type=float, help="SSIM threshold (default: the table's)")
-@click.option("--quantile", default=0.5, show_default=True, type=click.FloatRange(0.01, 1.0),
-              help="predict the smallest step count with this cumulative probability (higher: more steps)")
+@click.option("--cost", default=None, type=click.FloatRange(0.0, 1.0),
+              help="accuracy one more step must buy (default: cross-validated with quality labels, else 0.01)")
 @click.option("--holdout", default=0.2, show_default=True, type=click.FloatRange(0.0, 0.9),
               help="fraction of prompts held out to report the error when no --eval-labels")
 @click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="folder for the predictors (default: the model's step_predictor/)")
-def steps_train(model, tables, eval_labels, tau, quantile, holdout, out) -> None:
+def steps_train(model, tables, eval_labels, kind, tau, cost, holdout, out) -> None:
     """Train the --steps auto predictor from label tables and save it next to the model."""
     from . import api
     from .tools.steps.labels import LabelTable
@@ -298,15 +320,22 @@ def steps_train(model, tables, eval_labels, tau, quantile, holdout, out) -> None
         evals = {t.sampler: t for t in map(LabelTable.load, eval_labels)}
         for path in tables:
             table = LabelTable.load(path)
-            predictor, report = train_from_table(pipe, table, tau=tau, quantile=quantile, holdout=holdout,
+            predictor, report = train_from_table(pipe, table, kind=kind, tau=tau, cost=cost, holdout=holdout,
                                                  eval_table=evals.get(table.sampler))
             dest = (out / f"{table.sampler}.safetensors" if out else predictor_path(source, table.sampler))
             predictor.save(dest, **report)
             e = report.get("eval")
-            click.echo(f"{dest}: {table.sampler}, {report['train']} prompts"
+            click.echo(f"{dest}: {table.sampler}, {report['kind']} labels, {report['train']} prompts"
                        + (f"; held-out ({e['n']}): mean |error| {e['mae_steps']:.2f} steps, under by >1 bucket "
                           f"{100 * e['under_gt_1_bucket']:.1f}%, mean {e['mean_predicted']:.1f} vs label "
                           f"{e['mean_label']:.1f} steps" if e else ""))
+            if e and "predictor" in e:
+                p, c = e["predictor"], e["constant"]
+                needed = p["fixed_steps_same_accuracy"]
+                click.echo(f"  predictor {p['mean_steps']:.1f} steps at {100 * p['accuracy']:.1f}% (fixed steps for "
+                           f"that: {'none' if needed is None else f'{needed:.1f}'}); constant {report['constant']} at "
+                           f"{100 * c['accuracy']:.1f}%; fixed 20 {100 * p['accuracy_fixed_reference']:.1f}% -> saved "
+                           + ("the predictor" if p["beats_fixed"] else f"the constant {report['constant']}"))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         _fail(e)
 
@@ -325,12 +354,26 @@ def samplers() -> None:
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--allow-pickle", is_flag=True)
+@click.option("--runtime", is_flag=True, help="also what runs it on this CPU: the dtype and attention kernel "
+              "measured for this model (measured now if not cached), int8, threads")
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @user_errors
-def info(path, allow_pickle) -> None:
+def info(path, allow_pickle, runtime, threads) -> None:
     """Print a checkpoint's family, components, parameter counts, dtype and prediction type."""
     from .inspect import describe
 
     click.echo(describe(path, allow_pickle=allow_pickle))
+    if runtime:
+        from .loading.load import read_config
+        from .runtime import tuning
+        from .runtime.device import configure_process
+
+        configure_process(threads)
+        config = read_config(path)
+        if config is None:
+            click.echo("runtime:         (not measured for pickle files; convert the checkpoint to safetensors)")
+        else:
+            click.echo(tuning.describe(tuning.choose(config)))
 
 
 @main.command("eval-shapes")

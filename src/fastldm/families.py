@@ -59,14 +59,6 @@ class Family:
     stack_default: bool = True      # the row of its stack that a checkpoint saying nothing else is
     prediction_hint: Callable[[Mapping], str | None] | None = None   # a prediction type from checkpoint metadata
 
-    @property
-    def default_guidance(self) -> float:
-        return self.preset.default_guidance
-
-    @property
-    def default_size(self) -> int:
-        return self.preset.default_size
-
     def unet_heads(self, channels: tuple[int, ...]) -> tuple[int, ...]:
         """Heads per UNet level (shapes hold only heads · head_dim)."""
         return tuple(self.heads or max(1, c // 64) for c in channels)
@@ -165,8 +157,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("lcm", lambda u: u.time_cond_proj_dim is not None,
             "latent consistency distilled: guidance enters as an embedding, no CFG batch; use the LCM sampler, 2-8 "
             "steps"),
-    Variant("pruned", lambda u: not u.mid_block or min(u.layers_per_block) < 2,
-            "blocks removed (BK-SDM, small/tiny SD): widths and depths read from the weights"),
+    Variant("pruned", lambda u: not u.mid_block,
+            "architecturally compressed, no mid block (BK-SDM, small/tiny SD): widths and depths read from the "
+            "weights"),
 )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .families import family_of, variants_of
 from .loading.detect import detect_single_file
 from .loading.load import _MODELS, _component_files, _folder_config, _read_json
 from .loading.safetensors_io import PICKLE_SUFFIXES, CheckpointError, load_pickle, read_header, read_headers
@@ -43,7 +44,9 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
         kind = "single file"
     comps = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2,
              "unet": config.unet, "vae": config.vae}
-    lines = [f"path:            {path}", f"format:          {kind}", f"family:          {config.family}",
+    variants = ", ".join(v.name for v in variants_of(config))
+    lines = [f"path:            {path}", f"format:          {kind}",
+             f"family:          {family_of(config).name}" + (f" ({variants})" if variants else ""),
              f"prediction type: {config.prediction_type}",
              f"dtype:           {', '.join(d for d, _ in dtypes.most_common()) or 'unknown'}",
              f"default size:    {config.default_size}", f"default CFG:     {config.default_guidance:g}",

@@ -19,14 +19,13 @@ import torch
 from PIL import Image
 
 from .config import ModelConfig
-from .errors import StepPredictorMissing
 from .families import family_of, variants_of
 from .ops.registry import Kernels, using
 from .plan import Limits, Plan, resolve
 from .request import GenerationRequest
 from .run import GenerationResult, run
 from .runtime.executors import UNetRuntime
-from .runtime.step_predictor import load_step_predictor, prompt_features
+from .runtime.step_predictor import StepPredictors
 from .samplers import SamplerSpec, randn
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
@@ -49,6 +48,8 @@ class Pipeline:
         self.family, self.variants = family_of(config), variants_of(config)
         self.kernels = kernels or Kernels()      # this pipeline's backend selection and kernel caches
         self.unet_runtime = UNetRuntime(self.unet)
+        self.runtime_choice = None               # runtime.tuning.RuntimeChoice when load measured the CPU
+        self.step_predictors = StepPredictors(source)
 
     def kernels_active(self):
         """A context in which ops dispatch with this pipeline's kernel selection (ops.registry.using)."""
@@ -207,13 +208,9 @@ class Pipeline:
     def auto_steps(self, prompt: str, spec: SamplerSpec) -> int:
         """The step count the model's step predictor (runtime/step_predictor.py, saved next to the model) gives
         `prompt` with sampler `spec`, within the sampler's sensible range."""
-        try:
-            predictor = load_step_predictor(self.source, spec)
-        except (FileNotFoundError, ValueError) as e:
-            raise StepPredictorMissing(str(e).replace("give a number of steps, or build", "give a number of steps or "
-                                                      "build")) from None
+        predictor = self.step_predictors.get(spec)
         with self.kernels_active():
-            return predictor.predict_steps(prompt_features(self, [prompt]))[0]
+            return predictor.predict_steps(predictor.prompt_features(self, [prompt]))[0]
 
     def __repr__(self) -> str:
         return f"Pipeline({self.config.family}, {self.name or 'unnamed'}, {self.dtype}, {self.device})"

@@ -13,8 +13,6 @@ import math
 import random
 from dataclasses import dataclass
 
-from PIL import Image
-
 from .errors import RequestError
 from .request import GenerationRequest
 from .samplers import SamplerSpec, resolve_sampler, sampling_grid
@@ -52,28 +50,8 @@ class Plan:
     executor: str                           # runtime.executors.KINDS
 
     @property
-    def prompt(self) -> str:
-        return self.request.prompt
-
-    @property
-    def negative_prompt(self) -> str:
-        return self.request.negative_prompt
-
-    @property
     def n(self) -> int:
         return len(self.seeds)
-
-    @property
-    def init_image(self) -> Image.Image | None:
-        return self.request.init_image
-
-    @property
-    def early_stop(self) -> float | None:
-        return self.request.early_stop
-
-    @property
-    def cache_interval(self) -> int:
-        return self.request.cache_interval
 
     @property
     def denoising_steps(self) -> int:

@@ -79,20 +79,20 @@ class BatchedRun:
         pipe = self.pipe
         with pipe.kernels_active():
             gens = [torch.Generator("cpu").manual_seed(s) for s in plan.seeds]
-            cond, uncond = pipe.conditioning([plan.prompt] * plan.n, plan.negative_prompt, plan.guidance,
+            cond, uncond = pipe.conditioning([plan.request.prompt] * plan.n, plan.request.negative_prompt, plan.guidance,
                                              plan.width, plan.height)
-            init = None if plan.init_image is None else pipe.encode_image(plan.init_image, plan.width, plan.height,
+            init = None if plan.request.init_image is None else pipe.encode_image(plan.request.init_image, plan.width, plan.height,
                                                                           gens)
             noise = torch.cat([randn((1, *plan.latent_shape), g, pipe.device, torch.float32) for g in gens])
             extra = pipe.image_condition(plan.width, plan.height, gens)
             cond |= extra
             if uncond is not None:
                 uncond |= extra
-        executor = pipe.unet_runtime.executor(plan.executor, plan.cache_interval)
+        executor = pipe.unet_runtime.executor(plan.executor, plan.request.cache_interval)
         denoiser = Denoiser(executor, pipe.schedule, cond, uncond, plan.guidance,
                             guidance_embedding_dim=pipe.config.unet.time_cond_proj_dim).on_grid(plan.grid)
         job = Job(plan, denoiser, executor)
-        early_stop = EarlyStop(plan.early_stop) if plan.early_stop is not None else None
+        early_stop = EarlyStop(plan.request.early_stop) if plan.request.early_stop is not None else None
 
         def on_step(info: dict) -> bool:
             job.steps_run = info["i"] + 1

@@ -36,7 +36,8 @@ from torch import nn
 from .. import ops
 from ..config import UNetConfig
 from ..families import PRESETS
-from ..errors import BackendUnavailable
+from ..testing import random_module
+from ..errors import BackendUnavailable, RequestError
 from ..models import UNet2DConditionModel
 from ..ops import autotune, registry, winograd
 
@@ -66,19 +67,8 @@ class Row:
 
 def random_unet(config: UNetConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int = 0) -> UNet2DConditionModel:
-    """A full-size UNet with seeded random weights: fan-in-scaled normal matrices, unit norm scales, zero
-    biases, so activations stay O(1) (no overflow in fp16) as with trained weights."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(config)
-    unet = unet.to(dtype).to_empty(device=device)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-    return unet.eval()
+    """A full-size UNet with seeded fan-in-scaled random weights (fastldm.testing)."""
+    return random_module("unet", config, dtype=dtype, device=device, seed=seed)
 
 
 def unet_inputs(config: UNetConfig, latent: int, device, dtype: torch.dtype, batch: int = 2,
@@ -330,8 +320,8 @@ def ablation(model: str = "sd15", device: str = "cpu", size: int | None = None, 
     scale = config.vae_scale
     size = size or config.unet.sample_size * scale
     if size <= 0 or size % scale:
-        raise ValueError(f"size {size} is not a positive multiple of {scale} (the VAE's scale factor); "
-                         f"try {max(size // scale, 1) * scale}")
+        raise RequestError("width", size, f"a positive multiple of {scale} (the VAE's scale factor), e.g. "
+                                          f"{max(size // scale, 1) * scale}")
     unet = unet or random_unet(config.unet, device, dtype)
     result = run_ablation(unet, latent=size // scale, repeats=repeats or (20 if device.type == "cuda" else 5),
                           warmup=warmup, with_compile=with_compile)

@@ -127,14 +127,14 @@ def _folder_config(folder: Path, index: dict) -> ModelConfig:
 
 def _folder_family(index: dict, te: dict, has_te2: bool, vae: VAEConfig, prediction: str) -> Family:
     """A diffusers folder's row of families.py: two text encoders -> SDXL; an LDM3D pipeline or an RGB +
-    depth VAE -> LDM3D (4c or 6c); a 1024-wide text encoder -> SD2 (sd2 / sd2-v by the scheduler's prediction
-    type); else SD1."""
+    depth VAE -> LDM3D (4c or 6c); an OpenCLIP text encoder (gelu; OpenAI's CLIP uses quick_gelu) or a
+    1024-wide one -> SD2 (sd2 / sd2-v by the scheduler's prediction type); else SD1."""
     if has_te2:
         stack = "sdxl"
     elif "LDM3D" in index.get("_class_name", "") or vae.out_channels in (4, 6):
         stack = "ldm3d"
     else:
-        stack = "sd2" if te.get("hidden_size") == 1024 else "sd1"
+        stack = "sd2" if te.get("hidden_act") == "gelu" or te.get("hidden_size") == 1024 else "sd1"
     rows = [f for f in FAMILIES if f.stack == stack]
     return next((f for f in rows if f.vae_channels == vae.out_channels and f.prediction == prediction),
                 stack_default(stack, vae.out_channels))
@@ -210,6 +210,26 @@ def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype | N
     if component == "vae" and dtype == torch.float16 and config.vae.force_upcast:
         return torch.float32
     return dtype
+
+
+def read_config(path: str | Path, prediction_type: str | None = None) -> ModelConfig | None:
+    """A checkpoint's ModelConfig from its configs or safetensors header alone (no tensor data), or None for
+    a pickle file (whose names cannot be read without unpickling it). Errors as `load_components`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "
+                                  f".safetensors file")
+        config = _folder_config(path, _read_json(path / "model_index.json"))
+        if prediction_type is not None:
+            config = config.replace(scheduler={**config.scheduler, "prediction_type": prediction_type})
+        return config
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if path.suffix in PICKLE_SUFFIXES:
+        return None
+    infos, meta = read_header(path)
+    return detect_single_file({k: i.shape for k, i in infos.items()}, meta, prediction_type)
 
 
 def load_components(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

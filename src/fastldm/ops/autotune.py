@@ -131,7 +131,8 @@ def candidates(op: str, device: torch.device) -> list[registry.Backend]:
     return sorted((b for b in registry._backends[op] if not interpreted(b)), key=lambda b: b.name != "reference")
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out − ref| / max |ref|."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
@@ -166,7 +167,7 @@ def measure_table(device: str | torch.device, path: str | Path | None = None,
                     continue
                 totals[b.name] = round(sum(time_ms(b.fn, a, kw, device, repeats) for a, kw in calls), 3)
                 with torch.inference_mode():
-                    rel[b.name] = max(_rel_err(b.fn(*a, **kw), r) for (a, kw), r in zip(calls, refs, strict=True))
+                    rel[b.name] = max(rel_err(b.fn(*a, **kw), r) for (a, kw), r in zip(calls, refs, strict=True))
             ms.setdefault(op, {})[dt], errs.setdefault(op, {})[dt] = totals, rel
             best = min((n for n in totals if rel[n] <= max_rel_err), key=totals.get)
             if best != "reference":

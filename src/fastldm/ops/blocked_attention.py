@@ -3,25 +3,24 @@
 For each (batch, head), the queries are cut into blocks of R rows; a block's scores S = q_R kᵀ
 (R × M) are produced by one oneDNN GEMM, normalised by a row softmax while they are still in the cores'
 caches, and multiplied into v by a second GEMM. R is chosen so each thread's rows of a bf16 score
-block take 2 MiB (R = threads · 2^20 / M, a power of two): on the project's box (1 MiB L2 per core, 32
-MiB shared L3) 2 MiB ran a 4096-token call in 134 ms against 167 ms at 1 MiB, 158 ms at 4 MiB, 212 ms
-at 0.5 MiB (2 threads); bigger blocks mean fewer, larger GEMM calls, until they spill the L3. This is
+block take 2 MiB (R = threads · 2^20 / M, a power of two): bigger blocks mean fewer, larger GEMM calls,
+until they spill the L3 (a sweep of 0.5-4 MiB found 2 MiB fastest: docs/benchmarks.md, "Blocked
+attention"). This is
 the query-blocking of memory-efficient attention (Rabe & Staats 2021, "Self-attention Does Not Need O(n²)
 Memory") without the key-blocking: with the whole key range in one block the softmax needs no running
 rescale.
 
 Why not torch's fused CPU kernel (`scaled_dot_product_attention`)? At Stable Diffusion's shapes (head
-dim 40/80/160) it runs its inner GEMMs as many tiny calls; on the project's AVX-512 box this blocking was
-2.6× faster at 4096 tokens (SD 1.5 at 512², 64×64 latent: 134 vs 351 ms per call, 2 threads) and 2.7×
-at 1024 tokens (12.5 vs 33 ms); torch's kernel took 46% of a diffusers UNet step there.
+dim 40/80/160) it runs its inner GEMMs as many tiny calls; in bf16 on an AVX-512 machine this blocking
+was 2.6-2.7× faster at 1024-4096 tokens (docs/benchmarks.md, "Blocked attention").
 
 oneDNN's bf16 GEMM is slow for an output width that is not a multiple of 16 (its AVX-512 register
-width): P·v with SD 1.5's head dim 40 took 411 µs per 512 × 4096 block, with v zero-padded to 48
-columns 255 µs, so v is padded (q kᵀ, whose 40 is the reduction length, is fastest as it is).
+width), so v is zero-padded to one for P·v (1.6× faster at head dim 40); q kᵀ, whose 40 is the reduction
+length, is fastest as it is.
 
 Limits, checked by `supports`: CPU tensors in bf16 (fp32 keeps torch's kernel), no causal mask, no fp32
-upcast, no autograd (training falls back to torch's kernel), and at least MIN_KEYS keys (with a short context, as in cross-attention on 77 text tokens,
-torch's kernel is as fast). Precision: P is rounded to bf16 before P·v, as in the plain bf16
+upcast, no autograd (training falls back to torch's kernel), and at least MIN_KEYS keys (with a short
+context, as in cross-attention on 77 text tokens, torch's kernel is as fast). Precision: P is rounded to bf16 before P·v, as in the plain bf16
 softmax(q kᵀ) v it is tested against.
 """
 from __future__ import annotations

@@ -2,15 +2,14 @@
 server, once, with `configure_process`; never by library calls).
 
 - **dtype**: bf16 where the CPU has bf16 dot-product instructions (x86 `avx512_bf16` or `amx_bf16`, Arm
-  `bf16`), fp32 otherwise: oneDNN emulates bf16 on CPUs without them, which is slower than fp32.
-  On the project's 2-vCPU AVX-512 box a bf16 2048³ matmul runs ~4.5× and a 3×3 channels_last conv
-  ~2× faster than in fp32 (docs/benchmarks.md, "CPU fast path").
+  `bf16`), fp32 otherwise: oneDNN emulates bf16 on CPUs without them, which is slower than fp32; with
+  them, bf16 GEMMs and convolutions run 2-4.5× faster than fp32 (docs/benchmarks.md, "CPU fast path").
 - **threads**: torch's default (one per physical core, or OMP_NUM_THREADS), capped at the CPUs this
   process may run on (its affinity mask and a cgroup CPU quota).
 - **allocator**: glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh mmap()s and
   returns them on free, so every UNet step page-faults its large intermediates (GEGLU's hidden state,
-  attention buffers) in again; in a VM a fault costs several times the memory traffic it serves (a
-  268 MB copy: 51 ms into a reused buffer, 410 ms into a fresh one). `tune_allocator` keeps freed memory
+  attention buffers) in again; in a VM a fault costs several times the memory traffic it serves (8× for a
+  268 MB copy, docs/benchmarks.md "CPU fast path"). `tune_allocator` keeps freed memory
   in the heap for reuse (glibc's mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), as Intel's PyTorch CPU
   guides do with jemalloc or tcmalloc. The cost: the process keeps its peak heap until it exits.
 """

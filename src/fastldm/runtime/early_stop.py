@@ -10,11 +10,10 @@ step from σ_i straight to 0 (the DPM-Solver++ step with h = ∞, Lu et al. 2022
 no further UNet call. This is the per-sample counterpart of the convergence criterion StepSaver labels prompts with
 (Yu & Barad 2024, arXiv 2408.02054), measured on latents during sampling instead of on images between runs.
 
-DEFAULT_THRESHOLD = 0.03: stop when a step moves the clean latent by less than 3 %. `benchmarks/dynamic_execution.py
-tune` swept it on the embedded model (60 training captions, 20 DPM++ 2M steps; docs/benchmarks.md, "Dynamic
-execution"): 0.01 stops at 19.9 steps on average, 0.03 at 12.5, 0.05 at 10.0, 0.08 at 8.6, with the evaluator's
-accuracy unchanged (23-25 %, within its noise) all the way. The default is not the sweep's largest: those are
-flat-shaded 64 x 64 scenes, whose estimate settles sooner than a detailed 512² image's; 0.03 keeps a margin.
+DEFAULT_THRESHOLD = 0.03: stop when a step moves the clean latent by less than 3 %, chosen by the sweep of
+`benchmarks/dynamic_execution.py tune` (docs/benchmarks.md, "Dynamic execution"). Not the sweep's largest
+accuracy-neutral value: that sweep ran on flat-shaded 64 × 64 scenes, whose estimate settles sooner than a
+detailed 512² image's; 0.03 keeps a margin.
 """
 from __future__ import annotations
 

@@ -15,9 +15,8 @@ back to a reference loop ~2000× slower); uint8 with a zero point is what its VN
 scales; TorchInductor fuses it into one reduction and one pass (`fused=True`, the default: 2-4.7× faster
 than eager at SD 1.5's shapes, compiled once per machine in ~11 s and cached, see runtime/compile.py).
 
-Measured on the project's AVX-512-VNNI box (2 vCPUs, bf16 outputs): a 8192×320 → 2560 linear 3.0× and a
-3×3 320-channel conv at 64×64 2.5× faster than oneDNN bf16; 1280 channels at 16×16 1.7×.
-Which layers: every Conv2d and Linear of the UNet except the first and last convolutions and the
+With VNNI, SD 1.5's linears and convolutions ran 1.7-3× faster than oneDNN bf16 (docs/benchmarks.md,
+"CPU fast path"). Which layers: every Conv2d and Linear of the UNet except the first and last convolutions and the
 timestep / added-condition embeddings (tiny, and the most sensitive to rounding). Attention's softmax
 and the norms stay in bf16. Inference only; the quantized modules have no state dict.
 """
@@ -27,7 +26,6 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendUnavailable
@@ -68,20 +66,28 @@ def fused_quantizer() -> Callable:
     return torch.compile(quantize_activation, dynamic=True)
 
 
-class Int8Conv2d(nn.Module):
+class _Int8(nn.Module):
+    """What both int8 layers keep of the float layer besides their packed weights: the activation quantizer,
+    the weights' zero points (0: symmetric), the bias in fp32 and the dtype to return."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, quantize: Callable):
+        super().__init__()
+        self.quantize = quantize
+        self.dtype = layer.weight.dtype
+        self.bias = None if layer.bias is None else layer.bias.detach().float()
+        self.w_zp = torch.zeros(layer.weight.shape[0], dtype=torch.int64)
+
+
+class Int8Conv2d(_Int8):
     """A Conv2d (any kernel size, stride, padding; groups 1) as int8 oneDNN convolution."""
 
     def __init__(self, conv: nn.Conv2d, quantize: Callable = quantize_activation):
-        super().__init__()
-        self.quantize = quantize
+        super().__init__(conv, quantize)
         q, self.w_scale = _weight_int8(conv.weight)
-        self.out_channels, self.dtype = conv.out_channels, conv.weight.dtype
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        self.bias = None if conv.bias is None else conv.bias.detach().float()
         # x_scale and x_zero_point given to the prepack only select oneDNN's kernel; each call passes its own.
         self.packed = torch.ops.onednn.qconv_prepack(q, self.w_scale, 1.0, 128, self.stride, self.padding,
                                                      self.dilation, 1, None)
-        self.w_zp = torch.zeros(self.out_channels, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qx, scale, zero = self.quantize(x.contiguous(memory_format=torch.channels_last))
@@ -90,17 +96,14 @@ class Int8Conv2d(nn.Module):
             self.padding, self.dilation, 1, 1.0, 0, self.dtype, "none", [], "")  # (B, K, H', W') channels_last
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8):
     """An nn.Linear as int8 oneDNN matmul on x (..., in) -> (..., out)."""
 
     def __init__(self, linear: nn.Linear, quantize: Callable = quantize_activation):
-        super().__init__()
-        self.quantize = quantize
+        super().__init__(linear, quantize)
         q, self.w_scale = _weight_int8(linear.weight)
-        self.out_features, self.dtype = linear.out_features, linear.weight.dtype
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features = linear.out_features
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
-        self.w_zp = torch.zeros(self.out_features, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -134,8 +137,3 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP, fused: bool = 
         setattr(model.get_submodule(parent), attr, new)
     return len(swaps)
 
-
-def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of images a, b in [0, peak]."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(peak ** 2 / mse)).item()

@@ -25,6 +25,50 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
+def tile(H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query block and head: (block index, b·H + h, b, h, query rows, key columns of a block,
+    head-dim columns)."""
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    return (start_m, bh, bh // H, bh % H, start_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N),
+            tl.arange(0, BLOCK_D))
+
+
+@triton.jit
+def load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd, NQ, D, UPCAST: tl.constexpr):
+    """One query block (BLOCK_M, BLOCK_D) of head (b, h); rows past NQ and columns past D read 0."""
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    return q.to(tl.float32) if UPCAST else q
+
+
+@triton.jit
+def load_kt(k_base, keys, offs_d, skn, skd, NK, D, UPCAST: tl.constexpr):
+    """One key block, transposed: (BLOCK_D, BLOCK_N); keys past NK read 0."""
+    kt = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd,
+                 mask=(keys[None, :] < NK) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+    return kt.to(tl.float32) if UPCAST else kt
+
+
+@triton.jit
+def load_v(v_base, keys, offs_d, svn, svd, NK, D, UPCAST: tl.constexpr):
+    """One value block (BLOCK_N, BLOCK_D); keys past NK read 0."""
+    v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd,
+                mask=(keys[:, None] < NK) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    return v.to(tl.float32) if UPCAST else v
+
+
+@triton.jit
+def scores(q, kt, qk_scale, keys, offs_m, NK, CAUSAL: tl.constexpr):
+    """q kᵀ · qk_scale (BLOCK_M, BLOCK_N) in log2 units, and which entries are real keys (not padding, not
+    masked by causality)."""
+    s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+    valid = keys[None, :] < NK
+    if CAUSAL:
+        valid = valid & (keys[None, :] <= offs_m[:, None])
+    return s, valid
+
+
+@triton.jit
 def _flash_attention_fwd(
     Q,  # pointer to the queries (B, H, Nq, D)
     K,  # pointer to the keys (B, H, Nk, D)
@@ -39,15 +83,8 @@ def _flash_attention_fwd(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+    start_m, bh, b, h, offs_m, offs_n, offs_d = tile(H, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd, NQ, D, UPCAST)  # (BLOCK_M, BLOCK_D)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
@@ -57,16 +94,9 @@ def _flash_attention_fwd(
     end_n = tl.minimum(NK, (start_m + 1) * BLOCK_M) if CAUSAL else NK
     for start_n in range(0, end_n, BLOCK_N):
         keys = start_n + offs_n
-        kt = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(keys[None, :] < NK) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(keys[:, None] < NK) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            kt, v = kt.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        valid = keys[None, :] < NK
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= offs_m[:, None])
+        kt = load_kt(k_base, keys, offs_d, skn, skd, NK, D, UPCAST)  # (BLOCK_D, BLOCK_N)
+        v = load_v(v_base, keys, offs_d, svn, svd, NK, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        s, valid = scores(q, kt, qk_scale, keys, offs_m, NK, CAUSAL)  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 in the first block
         alpha = tl.exp2(m_i - m_new)

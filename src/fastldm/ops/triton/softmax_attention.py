@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import blocks, supports  # same limits, same tiles
+from .flash_attention import blocks, load_kt, load_q, load_v, scores, supports, tile  # same limits, same tiles
 
 __all__ = ["attention", "supports"]
 
@@ -39,29 +39,16 @@ def _softmax_row_stats(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+    start_m, bh, b, h, offs_m, offs_n, offs_d = tile(H, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd, NQ, D, UPCAST)  # (BLOCK_M, BLOCK_D)
     k_base = K + b * skb + h * skh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     end_n = tl.minimum(NK, (start_m + 1) * BLOCK_M) if CAUSAL else NK
     for start_n in range(0, end_n, BLOCK_N):
         keys = start_n + offs_n
-        kt = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(keys[None, :] < NK) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
-        valid = keys[None, :] < NK
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= offs_m[:, None])
+        kt = load_kt(k_base, keys, offs_d, skn, skd, NK, D, UPCAST)  # (BLOCK_D, BLOCK_N)
+        s, valid = scores(q, kt, qk_scale, keys, offs_m, NK, CAUSAL)  # (BLOCK_M, BLOCK_N)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -88,33 +75,19 @@ def _softmax_pv(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+    start_m, bh, b, h, offs_m, offs_n, offs_d = tile(H, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = load_q(Q, b, h, offs_m, offs_d, sqb, sqh, sqn, sqd, NQ, D, UPCAST)  # (BLOCK_M, BLOCK_D)
     row_max = tl.load(Max + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
     row_inv_sum = 1.0 / tl.load(Sum + bh * NQ + offs_m, mask=offs_m < NQ, other=1.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     end_n = tl.minimum(NK, (start_m + 1) * BLOCK_M) if CAUSAL else NK
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         keys = start_n + offs_n
-        kt = tl.load(k_base + keys[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(keys[None, :] < NK) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(v_base + keys[:, None] * svn + offs_d[None, :] * svd,
-                    mask=(keys[:, None] < NK) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            kt, v = kt.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        valid = keys[None, :] < NK
-        if CAUSAL:
-            valid = valid & (keys[None, :] <= offs_m[:, None])
+        kt = load_kt(k_base, keys, offs_d, skn, skd, NK, D, UPCAST)  # (BLOCK_D, BLOCK_N)
+        v = load_v(v_base, keys, offs_d, svn, svd, NK, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        s, valid = scores(q, kt, qk_scale, keys, offs_m, NK, CAUSAL)
         # The softmax's elementwise part, fused into the matmul's operand load.
         p = tl.where(valid, tl.exp2(s - row_max[:, None]), 0.0) * row_inv_sum[:, None]
         acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")

@@ -78,7 +78,7 @@ def test_sdxl_style_inputs_reach_both_engines(one_thread):
 
 def test_cli_rejects_a_size_the_vae_cannot_take():
     out = CliRunner().invoke(main, ["bench", "ablation", "--size", "100"])
-    assert out.exit_code != 0 and "multiple of 8" in out.output
+    assert out.exit_code == 4 and "multiple of 8" in out.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,20 +14,22 @@ from fastldm.loading import save_single_file
 from fastldm.loading.safetensors_io import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    pipe = tiny_diffusers_pipeline("sd1")
-    path = tmp_path_factory.mktemp("sd1") / "model"
+def _saved(kind: str, tmp_path_factory):
+    """A tiny diffusers pipeline of `kind` and the folder it was saved to."""
+    pipe = tiny_diffusers_pipeline(kind)
+    path = tmp_path_factory.mktemp(kind) / "model"
     pipe.save_pretrained(path)
     return pipe, path
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _saved("sd1", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    pipe = tiny_diffusers_pipeline("sdxl")
-    path = tmp_path_factory.mktemp("sdxl") / "model"
-    pipe.save_pretrained(path)
-    return pipe, path
+    return _saved("sdxl", tmp_path_factory)
 
 
 def _same_outputs(ref_pipe, ours, sdxl=False):

@@ -218,3 +218,25 @@ def test_bad_default_guidance_is_a_one_line_error(folder, tmp_path, value):
     (path / "fastldm.json").write_text(json.dumps({"default_guidance": value}))
     with pytest.raises(CheckpointError, match="default_guidance must be a number"):
         fastldm.load(path)
+
+
+def test_inpainting_unet_txt2img_matches_diffusers(pipes, tmp_path):
+    """A 9-channel inpainting UNet makes a whole image as diffusers' inpainting pipeline does with a white mask:
+    the UNet also takes the mask and the latents of the (fully masked) image, sampled after the noise."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from conftest import UNET_CASES, randomize_
+
+    ref_pipe, _ = pipes
+    config = UNET_CASES["inpaint"] | {"cross_attention_dim": 32, "sample_size": 8}
+    unet = randomize_(UNet2DConditionModel(**config).eval(), 5, std=0.08)
+    inpaint = StableDiffusionInpaintPipeline(**(ref_pipe.components | {"unet": unet}))
+    inpaint.save_pretrained(tmp_path / "inpaint")
+    inpaint.scheduler = DDIMScheduler.from_config(inpaint.scheduler.config)
+    ours = fastldm.load(tmp_path / "inpaint", dtype="fp32")
+    assert [v.name for v in ours.variants] == ["inpainting"]
+    grey, white = Image.new("RGB", (32, 32), (128, 128, 128)), Image.new("L", (32, 32), 255)
+    ref = inpaint("a cube", image=grey, mask_image=white, num_inference_steps=4, guidance_scale=7.5, height=32,
+                  width=32, generator=[torch.Generator().manual_seed(4)], output_type="np").images
+    out = ours.generate("a cube", steps=4, sampler="DDIM", guidance=7.5, seed=4, width=32, height=32)
+    assert np.abs(out.raw - ref).max() <= TOL

@@ -17,7 +17,7 @@ import torch
 from fastldm.config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from fastldm.families import PRESETS
 from fastldm.loading import UnknownCheckpointError, detect_single_file, ldm_to_ours
-from test_keymaps import VARIANTS, export, header
+from .test_keymaps import VARIANTS, export, header
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -12,6 +12,7 @@ from fastldm.config import UNetConfig
 from fastldm.families import PRESETS
 from fastldm.models import UNet2DConditionModel
 from fastldm.runtime import device, optimize, quant
+from fastldm.testing import psnr
 
 # Two levels, attention at both; a 16x16 latent gives 256 tokens at the first level, enough for the
 # blocked attention backend to take the self-attention there.
@@ -102,7 +103,7 @@ def test_int8_close_to_bf16():
     # room without hiding a broken layer (a wrong scale or zero point errs by the order of the output itself).
     assert (out - ref).abs().max() <= 0.10 * ref.abs().max()
     span = ref.max() - ref.min()
-    assert quant.psnr((out - ref.min()) / span, (ref - ref.min()) / span) > 30  # measured 44 dB
+    assert psnr((out - ref.min()) / span, (ref - ref.min()) / span) > 30  # measured 44 dB
 
 
 def test_quantize_activation_roundtrip():

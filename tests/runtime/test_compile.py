@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastldm.runtime import compile as rc
-from test_runtime import tiny_unet, unet_inputs
+from .test_optimize import tiny_unet, unet_inputs
 
 
 def test_cache_dir_default_and_override(monkeypatch, tmp_path):

@@ -1,0 +1,174 @@
+"""CPU defaults chosen by measurement on this machine, not by assumption.
+
+CPUs differ: some have native bf16 dot products (AVX-512 bf16, AMX, Arm bf16) and some only AVX2, where oneDNN
+emulates bf16 and it is slower than fp32; attention kernels win or lose by head dim, sequence length and ISA.
+So the first time a model architecture is loaded on a CPU (`fastldm.load` with no dtype), `choose` times the
+candidates that matter on the model's real shapes, for a few seconds:
+
+    dtype       bf16 vs fp32 on the model's widest 3×3 convolution and a GEGLU-sized matmul, where bf16 is
+                not native (where it is, bf16 without measuring: 2-4.5× faster, docs/benchmarks.md); fp32 for
+                models too small for bf16 to pay (device.BF16_MIN_CHANNELS)
+    attention   every registered attention backend that can run the model's first-level self-attention at
+                its default size, in the chosen dtype (and stays within 2 % of the reference's output)
+    int8        whether oneDNN's int8 kernels exist here and how a quantized linear compares (reported; int8
+                changes the images, so it stays the user's choice)
+
+The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
+CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
+instead of measuring; `fastldm info --runtime` and each PNG's "Version" field say what was chosen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..files import atomic_write_bytes
+from ..ops import autotune, registry
+from .device import BF16_MIN_CHANNELS, cpu_info
+from .quant import supported as int8_unsupported
+
+FORMAT = "fastldm-tuning-1"
+MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    dtype: str                                   # "bf16" | "fp32"
+    attention: str                               # the attention backend `auto` tries first in that dtype
+    int8: str                                    # "faster" | "slower" | "unavailable: <why>"
+    ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
+    key: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def preferred(self) -> dict[tuple[str, str, torch.dtype], str]:
+        """The `preferred` table of a registry.Kernels that applies the choice."""
+        return {("attention", "cpu", self.torch_dtype): self.attention}
+
+    def __str__(self) -> str:
+        return f"cpu {self.dtype}; attention {self.attention}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm" / "tuning"
+
+
+def _shapes(config: ModelConfig) -> dict:
+    """The shapes timed for a model, at its default size. For the dtype, whose ratio needs compute-bound
+    products, not whole layers: a 3×3 conv of the widest level (up to 640 channels, 8×8) and a feed-forward
+    matmul of the first attention level (up to 512 rows). For attention, the first-level self-attention
+    with its real token count and head dim, on 2 heads of one image (time ∝ heads: the ranking holds)."""
+    u = config.unet
+    latent = config.default_size // config.vae_scale
+    level = max(range(len(u.block_out_channels)), key=lambda i: u.block_out_channels[i])
+    first = next((i for i, c in enumerate(u.cross_attn) if c), 0)
+    tokens = (latent // 2 ** first) ** 2
+    width = u.block_out_channels[first]
+    return {"conv": (min(u.block_out_channels[level], 640), max(1, min(8, latent // 2 ** level))),
+            "matmul": (min(tokens, 512), width),
+            "attention": (tokens, width // u.attention_heads[first])}
+
+
+def _key(config: ModelConfig) -> str:
+    info = cpu_info()
+    raw = json.dumps([FORMAT, info.name, sorted(info.flags), torch.__version__, torch.get_num_threads(),
+                      _shapes(config), sorted(registry.backends("attention"))])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def choose(config: ModelConfig, *, repeats: int = 2) -> RuntimeChoice:
+    """The measured CPU defaults for `config` on this machine, from the cache or measured now (seconds)."""
+    key = _key(config)
+    path = cache_dir() / f"{key}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format", None) == FORMAT:
+                return RuntimeChoice(**data)
+        except (OSError, ValueError, TypeError):
+            pass   # a damaged cache entry is measured again and rewritten
+    choice = measure(config, key, repeats)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps({"format": FORMAT, **asdict(choice)}, indent=1).encode())
+    except OSError:
+        pass       # a read-only home: the choice still applies to this process
+    return choice
+
+
+def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoice:
+    cpu = torch.device("cpu")
+    shapes, ms = _shapes(config), {}
+    g = torch.Generator().manual_seed(0)
+    small = max(config.unet.block_out_channels) < BF16_MIN_CHANNELS
+    dtype = torch.float32 if small or not torch.backends.mkldnn.is_available() else torch.bfloat16
+    if not small and not cpu_info().bf16:
+        C, S = shapes["conv"]
+        M, K = shapes["matmul"]
+        x = torch.randn(1, C, S, S, generator=g).to(memory_format=torch.channels_last)
+        w = torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5)
+        a, b = torch.randn(M, K, generator=g), torch.randn(K, 4 * K, generator=g) / K ** 0.5
+        # Emulated bf16 is several times slower: one timed call of it settles the question.
+        for name, dt, n in (("fp32", torch.float32, repeats), ("bf16", torch.bfloat16, 1)):
+            ms[f"conv {name}"] = autotune.time_ms(F.conv2d, (x.to(dt), w.to(dt)), {"padding": 1}, cpu, n)
+            ms[f"matmul {name}"] = autotune.time_ms(torch.mm, (a.to(dt), b.to(dt)), {}, cpu, n)
+        slower = ms["conv bf16"] + ms["matmul bf16"] > ms["conv fp32"] + ms["matmul fp32"]
+        dtype = torch.float32 if slower else torch.bfloat16
+    attention = _fastest_attention(shapes["attention"], dtype, ms, repeats, g)
+    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, _int8(shapes, ms, repeats, g),
+                         {k: round(v, 3) for k, v in ms.items()}, key)
+
+
+def _fastest_attention(shape, dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
+    N, D = shape
+    q, k, v = (torch.randn(1, N, 2, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))  # (1, 2, N, D)
+    best, ref = None, None
+    with torch.inference_mode():
+        for backend in autotune.candidates("attention", torch.device("cpu")):
+            if backend.supports(q, k, v) is not None:
+                continue
+            out = backend.fn(q, k, v).float()
+            ref = out if ref is None else ref
+            if autotune.rel_err(out, ref) > MAX_REL_ERR:
+                continue
+            ms[f"attention {backend.name}"] = t = autotune.time_ms(backend.fn, (q, k, v), {}, torch.device("cpu"),
+                                                                   repeats)
+            if best is None or t < ms[f"attention {best}"]:
+                best = backend.name
+    return best or "reference"
+
+
+def _int8(shapes: dict, ms: dict, repeats: int, g: torch.Generator) -> str:
+    why = int8_unsupported()
+    if why is not None:
+        return f"unavailable: {why}"
+    from .quant import Int8Linear
+
+    M, K = shapes["matmul"]
+    linear = torch.nn.Linear(K, 4 * K).requires_grad_(False)
+    x = torch.randn(M, K, generator=g)
+    ms["linear fp32"] = autotune.time_ms(linear, (x,), {}, torch.device("cpu"), repeats)
+    ms["linear int8"] = autotune.time_ms(Int8Linear(linear), (x,), {}, torch.device("cpu"), repeats)
+    return "faster" if ms["linear int8"] < ms["linear fp32"] else "slower"
+
+
+def describe(choice: RuntimeChoice) -> str:
+    """Lines for `fastldm info --runtime`."""
+    info = cpu_info()
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2") if f in info.flags]
+    lines = [f"cpu:             {info.name} ({info.cpus} CPUs available; {', '.join(isa) or 'no x86 vector flags'})",
+             f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
+             f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}"]
+    lines += [f"  {label:<24}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
+    lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
+    return "\n".join(lines)
+

@@ -1,0 +1,101 @@
+"""Per-machine CPU defaults (runtime/tuning.py): measured on the model's shapes, cached on disk keyed by the CPU,
+torch and the shapes, applied by `fastldm.load` and reported by `fastldm info --runtime` and the PNG."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import fastldm
+from fastldm.cli import main
+from fastldm.families import PRESETS
+from fastldm.runtime import device, tuning
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "fastldm" / "tuning"
+
+
+def _fake_cpu(monkeypatch, flags):
+    monkeypatch.setattr(tuning, "cpu_info", lambda: device.CPUInfo("test cpu", frozenset(flags), 2))
+
+
+def _fake_times(monkeypatch, table: dict[str, float]):
+    """autotune.time_ms answering from `table` by "<function> <dtype of the first argument>" (attention
+    backends as "<module>.attention"), 1.0 for anything not in it."""
+    calls = []
+
+    def time_ms(fn, args, kwargs, dev, repeats=5):
+        name = getattr(fn, "__name__", type(fn).__name__)
+        if name == "attention":
+            name = f"{fn.__module__.rsplit('.', 1)[-1]}.attention"
+        key = f"{name} {str(args[0].dtype).removeprefix('torch.')}"
+        calls.append(key)
+        return table.get(key, 1.0)
+
+    monkeypatch.setattr(tuning.autotune, "time_ms", time_ms)
+    return calls
+
+
+def test_emulated_bf16_loses_to_fp32(monkeypatch):
+    _fake_cpu(monkeypatch, {"avx2"})
+    _fake_times(monkeypatch, {"conv2d float32": 1.0, "mm float32": 1.0, "conv2d bfloat16": 5.0, "mm bfloat16": 20.0})
+    choice = tuning.choose(PRESETS["sd1"])
+    assert choice.dtype == "fp32" and choice.ms["conv bf16"] == 5.0
+
+
+def test_bf16_measured_faster_is_taken_and_native_bf16_is_not_measured(monkeypatch):
+    _fake_cpu(monkeypatch, {"avx2"})
+    _fake_times(monkeypatch, {"conv2d float32": 4.0, "mm float32": 4.0, "conv2d bfloat16": 1.0, "mm bfloat16": 1.0})
+    assert tuning.measure(PRESETS["sd1"]).dtype == "bf16"
+    _fake_cpu(monkeypatch, {"avx512f", "avx512_bf16"})
+    calls = _fake_times(monkeypatch, {})
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.dtype == "bf16" and not any(c.startswith(("conv2d", "mm ")) for c in calls)
+
+
+def test_fastest_attention_backend_wins(monkeypatch):
+    _fake_cpu(monkeypatch, {"avx512f", "avx512_bf16"})
+    _fake_times(monkeypatch, {"reference.attention bfloat16": 10.0, "blocked_attention.attention bfloat16": 2.0})
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.attention == "blocked" and choice.preferred() == {("attention", "cpu", choice.torch_dtype):
+                                                                     "blocked"}
+
+
+def test_choice_is_cached_per_machine_and_model(monkeypatch, cache):
+    _fake_cpu(monkeypatch, {"avx2"})
+    calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0})
+    first = tuning.choose(PRESETS["sd1"])
+    n = len(calls)
+    assert tuning.choose(PRESETS["sd1"]) == first and len(calls) == n       # read back, not measured
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["dtype"] == "fp32"
+    tuning.choose(PRESETS["sdxl"])                                          # other shapes: measured again
+    _fake_cpu(monkeypatch, {"avx2", "avx512f"})
+    tuning.choose(PRESETS["sd1"])                                           # another CPU: measured again
+    assert len(list(cache.glob("*.json"))) == 3
+    files[0].write_text("{broken")
+    _fake_cpu(monkeypatch, {"avx2"})
+    assert tuning.choose(PRESETS["sd1"]) == first                           # a damaged entry is redone
+
+
+def test_load_applies_and_reports_the_choice(tmp_path):
+    pipe = fastldm.load(fastldm.default_model())
+    choice = pipe.runtime_choice
+    assert choice.dtype == "fp32"                     # a 64-channel model: too small for bf16 to pay
+    assert pipe.kernels.preferred == choice.preferred()
+    result = pipe.generate("a red cube", steps=2, seed=0)
+    from fastldm.api import parameters_text
+
+    assert f"Version: fastldm {fastldm.__version__} ({choice})" in parameters_text(pipe, result, 0)
+    assert fastldm.load(fastldm.default_model(), dtype="fp32").runtime_choice is None   # the user chose
+
+
+def test_info_runtime(tmp_path):
+    res = CliRunner().invoke(main, ["info", str(fastldm.default_model()), "--runtime", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "family:          ldm3d-4c" in res.output and "attention:" in res.output and "threads:         1" \
+        in res.output
