@@ -12,7 +12,7 @@ RSS after warm-up and at the end.
         [--markdown benchmarks/results/serve_load.md]
 
 Models: the embedded RGBD model at 64x64, 20 steps; a full-size SD 1.5 with random weights (built once into
---sd15-folder with benchmarks/load_sd15.py's make_folder) at 256x256, 4 steps.
+--sd15-folder by fastldm.testing.save_random_folder, fp16 on disk) at 256x256, 4 steps.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from pathlib import Path
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
 PROMPTS = ["a red cube left of a blue sphere", "a small green cone", "a yellow sphere in front of a purple cube",
            "a large blue cylinder on the right", "two red spheres", "a white cube behind a green sphere"]
 
@@ -223,10 +222,11 @@ def main() -> None:
                                         embedded_levels, args.batch, args.threads, rounds, args.max_seconds, logs))
     if not args.skip_sd15:
         if not args.sd15_folder.exists():
-            sys.path.insert(0, str(HERE))
-            from load_sd15 import make_folder
+            import torch
 
-            make_folder(args.sd15_folder)
+            from fastldm.testing import save_random_folder
+
+            save_random_folder("sd1", args.sd15_folder, dtype=torch.float16)
         result["models"].append(bench_model("SD 1.5 (random weights)", str(args.sd15_folder),
                                             {"width": 256, "height": 256, "steps": 4}, sd_levels, args.batch,
                                             args.threads, rounds, args.max_seconds, logs))
