@@ -129,7 +129,7 @@ def test_queue_full_is_429_with_retry_after(make_client):
 def test_api_key(make_client):
     client = make_client(api_key="s3cret")
     job = {"prompt": "a red cube", **SMALL}
-    basic = lambda pair: {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}  # noqa: E731
+    basic = lambda pair: {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
     assert client.get("/healthz").status_code == 200 and client.get("/").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, basic("user:wrong"), {"Authorization": "s3cret"}):
         r = client.post("/sdapi/v1/txt2img", json=job, headers=headers)

@@ -91,7 +91,7 @@ def test_webuiapi_txt2img_matches_fastldm_generate(a1111, reference):
     assert text == info["infotexts"][0] and f"Seed: {SEED}" in text and "Steps: 6" in text
     expected = reference()
     assert same_image(image.convert("RGB"), expected)
-    drop = lambda t: [line for line in t.split(", ") if not line.startswith("Schedule type")]  # noqa: E731
+    drop = lambda t: [line for line in t.split(", ") if not line.startswith("Schedule type")]
     assert drop(text) == drop(expected.text["parameters"])
 
 
@@ -188,7 +188,7 @@ def counter(http, name: str) -> float:
 
 
 def test_a_client_that_disconnects_loses_its_job(server, http):
-    health = lambda: http.get("/healthz").json()                    # noqa: E731
+    health = lambda: http.get("/healthz").json()
     before = counter(http, "fastldm_disconnects_total"), counter(http, 'fastldm_jobs_total{outcome="cancelled"}')
     full = http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 150, "n": 2, "width": 64,
                                                "height": 64}).json()   # fills --max-batch 2

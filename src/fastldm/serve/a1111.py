@@ -213,7 +213,6 @@ def router(ctx) -> APIRouter:
             entry = ctx.catalog.resolve(str(name))
             scheduler.release(await run_in_threadpool(scheduler.worker, entry.name))   # load it, as A1111 does
             ctx.a1111_model = entry.name
-        return None
 
     @api.get("/scripts", response_model=ScriptsList)
     def scripts() -> ScriptsList:

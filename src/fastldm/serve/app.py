@@ -62,8 +62,10 @@ class Health(BaseModel):
     running: int
 
 
-def create_app(settings: Settings = Settings(), load: Callable | None = None) -> FastAPI:
-    """The server's app. `load(path, device=, dtype=)` loads a listed model (default `fastldm.load`)."""
+def create_app(settings: Settings | None = None, load: Callable | None = None) -> FastAPI:
+    """The server's app (default settings: Settings()). `load(path, device=, dtype=)` loads a listed model
+    (default `fastldm.load`)."""
+    settings = settings or Settings()
     from . import a1111, jobs_api, openai_api
     from ..api import load as load_model
 
