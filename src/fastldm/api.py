@@ -111,7 +111,7 @@ def parameters_text(pipe: Pipeline, result, index: int) -> str:
     params = {"Steps": result.steps, "Sampler": spec.label,
               "Schedule type": r.scheduler.replace("_", " ").title() if r.scheduler else None,
               "CFG scale": f"{r.guidance:g}", "Seed": result.seeds[index], "Size": f"{w}x{h}",
-              "Model hash": _hash_of(pipe), "Model": pipe.name,
+              "Model hash": pipeline_hash(pipe), "Model": pipe.name,
               "Denoising strength": f"{r.strength:g}" if r.init_image is not None else None,
               "Early stop": f"{r.early_stop:g}" if r.early_stop is not None else None,
               "DeepCache interval": r.cache_interval if r.cache_interval > 1 else None,
@@ -119,7 +119,8 @@ def parameters_text(pipe: Pipeline, result, index: int) -> str:
     return infotext(r.prompt, r.negative_prompt, params)
 
 
-def _hash_of(pipe: Pipeline) -> str | None:
+def pipeline_hash(pipe: Pipeline) -> str | None:
+    """`model_hash` of the checkpoint `pipe` was loaded from (None for one built in code), computed once."""
     if pipe.source is None:
         return None
     if not hasattr(pipe, "_model_hash"):

@@ -110,7 +110,8 @@ THREADS_HELP = ("CPU threads for this process (default: torch's, capped at the C
 
 
 MODEL_HELP = "diffusers folder or .safetensors file (default: the embedded tiny RGBD model)"
-DTYPE_HELP = "default: fp16 on CUDA; bf16 on a CPU with bf16 instructions for SD-sized models, else fp32"
+DTYPE_HELP = ("default: fp16 on CUDA; on a CPU bf16 or fp32 as measured once per machine and model "
+              "(`fastldm info --runtime` says which)")
 
 
 def _request_options(defaults: bool):
@@ -268,6 +269,51 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
     if s.failed:
         raise UserError(f"{s.failed} of {s.done + s.failed} requests failed; their errors are in "
                         f"{out / bulk.MANIFEST}", 1)
+
+
+@main.command()
+@click.option("--model", "-m", type=click.Path(path_type=Path), help="the model served by default: a diffusers "
+              "folder or .safetensors file (default: the embedded tiny RGBD model, which is always listed)")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="also list the diffusers folders and .safetensors files in this folder, by name")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="FASTLDM_API_KEY", help="require this key: `Authorization: Bearer KEY`, or HTTP "
+              "Basic with KEY as password (or KEY = user:password) [env FASTLDM_API_KEY]")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="allow browser pages from this origin (repeat for several), e.g. http://localhost:3000")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="jobs waiting to start; one more is answered 429 with Retry-After")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="images denoised together per model (1: one request at a time, as A1111)")
+@click.option("--max-size", default="1024x1024", show_default=True, help="largest WIDTHxHEIGHT a request may ask for")
+@click.option("--max-steps", default=150, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--max-n", default=8, show_default=True, type=click.IntRange(1, 64), help="images per request")
+@click.option("--max-prompt-chars", default=4000, show_default=True, type=click.IntRange(1, 1000000))
+@click.option("--max-body", default="32M", show_default=True, help="largest request body (base64 images)")
+@click.option("--model-memory", default=None, help="weights of loaded models, all together, e.g. 16G; the least "
+              "recently used idle model is unloaded to make room (default: half the RAM, or of the GPU's memory)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--open", "open_page", is_flag=True, help="open the page in the web browser once the server is up")
+@user_errors
+def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_batch, max_size, max_steps, max_n,
+          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level, open_page) -> None:
+    """Serve models over HTTP: A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs, async jobs (/fastldm/v1), and a
+    page at / ; concurrent requests are batched step by step."""
+    from .serve.server import serve as run_server
+    from .serve.settings import Settings, parse_bytes, parse_size
+
+    width, height = parse_size(max_size)
+    run_server(Settings(model=model, models_dir=models_dir, host=host, port=port, api_key=api_key,
+                        cors_origins=tuple(cors_origins), max_queue=max_queue, max_batch=max_batch, max_width=width,
+                        max_height=height, max_steps=max_steps, max_n=max_n, max_prompt_chars=max_prompt_chars,
+                        max_body_bytes=parse_bytes(max_body),
+                        model_memory=None if model_memory is None else parse_bytes(model_memory),
+                        device=device, dtype=dtype, threads=threads), log_level=log_level, open_page=open_page)
 
 
 @main.group()

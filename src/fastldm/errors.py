@@ -71,3 +71,42 @@ class Cancelled(FastLDMError):
     """A run that its caller cancelled (interrupt, a disconnected client, a server shutting down)."""
     exit_code = 130
     http_status = 499
+
+
+class ShuttingDown(Cancelled):
+    """A request the server could not finish because it is shutting down (Ctrl-C)."""
+    http_status = 503
+
+
+class UnknownModel(FastLDMError, LookupError):
+    """A model name that is not in the server's listing (names are looked up, never opened as paths)."""
+    exit_code = 3
+    http_status = 404
+
+    def __init__(self, name: str, listed: list[str]):
+        self.name, self.listed = name, listed
+        super().__init__(f"no model called {name!r}; the models are: {', '.join(listed)}")
+
+
+class UnknownJob(FastLDMError, LookupError):
+    """A job id the server does not know, or whose result it no longer keeps."""
+    http_status = 404
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}: unknown, or finished too long ago to be kept")
+
+
+class QueueFull(FastLDMError):
+    """The server has as many requests waiting as it accepts; `retry_after` is its estimate (seconds) of when
+    there is room again."""
+    http_status = 429
+
+    def __init__(self, waiting: int, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"the server is busy: {waiting} requests are waiting; try again in about {retry_after} s")
+
+
+class Unauthorized(FastLDMError, PermissionError):
+    """A request to a server that wants an API key, without the right one."""
+    http_status = 401
