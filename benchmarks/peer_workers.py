@@ -56,8 +56,10 @@ class FastLDM(Torch):
     def __init__(self, models: Path, threads: int, quant: str | None = None):
         super().__init__(threads)
         import fastldm
+        from fastldm.runtime.device import configure_process
 
-        self.pipe = fastldm.load(models / "sd15-fp16", quant=quant, threads=threads)
+        configure_process(threads)  # what the CLI does: threads, allocator, compile cache
+        self.pipe = fastldm.load(models / "sd15-fp16", quant=quant)
         dtype = str(self.pipe.dtype).removeprefix("torch.")
         self.info = {"dtype": f"{quant} UNet, {dtype} rest" if quant else dtype, "version": fastldm.__version__}
 
