@@ -8,7 +8,7 @@ time is up. Reported per level: images/s (wall), images per CPU-second of the se
 machine), p50/p99 latency, failures (anything but 200; there is no 429 at these queue sizes), and the servers'
 RSS after warm-up and at the end.
 
-    python benchmarks/serve_load.py [--quick] [--threads N] [--json benchmarks/results/serve_load.json]
+    python benchmarks/serve_load.py [--quick] [--threads N] [--skip-embedded | --skip-sd15] [--json benchmarks/results/serve_load.json]
         [--markdown benchmarks/results/serve_load.md]
 
 Models: the embedded RGBD model at 64x64, 20 steps; a full-size SD 1.5 with random weights (built once into
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=1800, help="per level: no new request after this")
     ap.add_argument("--sd15-folder", type=Path, default=Path("/tmp/sd15-fp16"))
     ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--skip-embedded", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
@@ -218,8 +219,9 @@ def main() -> None:
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "threads": args.threads, "load_avg_before": load_before,
                        "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])}, "models": []}
-    result["models"].append(bench_model("embedded shapes-rgbd", None, {"width": 64, "height": 64, "steps": 20},
-                                        embedded_levels, args.batch, args.threads, rounds, args.max_seconds, logs))
+    if not args.skip_embedded:
+        result["models"].append(bench_model("embedded shapes-rgbd", None, {"width": 64, "height": 64, "steps": 20},
+                                            embedded_levels, args.batch, args.threads, rounds, args.max_seconds, logs))
     if not args.skip_sd15:
         if not args.sd15_folder.exists():
             import torch

@@ -502,20 +502,27 @@ def bench() -> None:
 def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, json_path, md_path) -> None:
     """Per-UNet-call latency and memory as kernels are added (Chen et al. 2023, Table 1), with diffusers
     eager and compiled on the same weights."""
-    import json
-
     from .api import parse_dtype
     from .bench.ablation import ablation, markdown
     from .runtime.device import configure_process
 
     configure_process(threads)
     result = ablation(model, device, size, parse_dtype(dtype), repeats, with_compile=not no_compile)
+    _report(result, markdown, json_path, md_path)
+
+
+def _report(result: dict, markdown, json_path: Path | None, md_path: Path | None) -> None:
+    """Print a benchmark's table; also write it and its JSON (with the command that made them) where asked."""
+    import json
+
+    from .files import atomic_write_bytes
+
     result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
     table = markdown(result)
     if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
+        atomic_write_bytes(json_path, json.dumps(result, indent=1).encode())
     if md_path:
-        md_path.write_text(table + "\n")
+        atomic_write_bytes(md_path, (table + "\n").encode())
     click.echo(table)
 
 
@@ -524,7 +531,7 @@ def bench_ablation(device, model, size, dtype, repeats, no_compile, threads, jso
               help="a diffusers folder (both engines load it)")
 @click.option("--size", default="512x512", show_default=True, help="WIDTHxHEIGHT")
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="default: each engine's (fastldm: bf16 on CPUs with native bf16, else fp32; diffusers: fp32)")
+              help="default: each engine's (fastldm: its measured CPU default, see `fastldm info --runtime`; diffusers: fp32)")
 @click.option("--steps", default=2, show_default=True, type=click.IntRange(1, 1000), help="guided denoising steps")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(["fastldm", "fastldm-tiled", "diffusers",
               "diffusers-lowmem"]), help="repeatable (default: all)")
@@ -536,8 +543,6 @@ def bench_memory(model, size, dtype, steps, engines, stages, json_path, md_path)
     """Peak RSS (RssAnon / RssFile), Weight MB, Tensor MB and its live-set lower bound per stage (load, text
     encode, denoise, decode), each in a fresh process, for fastldm and diffusers with and without its memory
     options, on the same folder."""
-    import json
-
     from .bench.memory import ENGINES, STAGES, bench_memory as run, markdown
 
     width, height = _size(size)
@@ -546,13 +551,8 @@ def bench_memory(model, size, dtype, steps, engines, stages, json_path, md_path)
                      tuple(stages) or STAGES)
     except (ValueError, OSError) as e:
         _fail(e)
-    result["meta"]["command"] = "fastldm " + " ".join(sys.argv[1:])
-    table = markdown(result)
-    if json_path:
-        json_path.write_text(json.dumps(result, indent=1))
-    if md_path:
-        md_path.write_text(table + "\n")
-    click.echo(table)
+    _report(result, markdown, json_path, md_path)
+
 
 if __name__ == "__main__":
     main()
