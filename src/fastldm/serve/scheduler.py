@@ -261,9 +261,19 @@ class Scheduler:
         with self._lock:
             worker.pins -= 1
 
+    def load(self, name: str | None) -> str:
+        """Load the listed model `name` (None: the default) if it is not loaded; its listed name. Blocking."""
+        worker = self.worker(name)
+        self.release(worker)
+        return worker.name
+
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._workers)
+
+    def model_hashes(self) -> dict[str, str]:
+        """The A1111 short hash of each loaded model, by name."""
+        return {w.name: w.model_hash for w in self.workers()}
 
     def _make_room(self, name: str, needed: int) -> None:
         """Stop idle workers, least recently used first, until `needed` more bytes fit the budget."""
