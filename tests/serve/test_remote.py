@@ -1,26 +1,31 @@
 """The app on a RemoteScheduler whose ModelWorker is reached through pickle (in_process.py), without Ray: the
 same answers as the app on its own Scheduler, errors that keep their status and fields across the boundary,
-previews, cancel and interrupt over the protocol, and a lost worker answered 503 in each API's error shape."""
+previews, cancel and interrupt over the protocol, and a lost worker answered 503 in each API's error shape. And
+`fastldm serve --ray`'s flags, and its one line when Ray is not installed."""
 from __future__ import annotations
 
 import base64
 import io
 import json
 import pickle
+import sys
 import threading
 from pathlib import Path
 
 import fastldm
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from fastldm.api import EMBEDDED_MODEL
-from fastldm.errors import (MemoryBudgetError, QueueFull, RequestError, ShuttingDown, UnknownJob, UnknownModel,
+from fastldm.cli import main
+from fastldm.errors import (BackendUnavailable, MemoryBudgetError, SettingError, QueueFull, RequestError, ShuttingDown, UnknownJob, UnknownModel,
                             WorkerLost)
 from fastldm.request import GenerationRequest
 from fastldm.serve import Settings, create_app
 from fastldm.serve.model_worker import ModelWorker
+from fastldm.serve.ray_server import parse_autoscale
 from fastldm.serve.remote_scheduler import RemoteScheduler
 
 from .conftest import wait_until
@@ -121,3 +126,17 @@ def test_a_lost_worker_fails_its_jobs_with_503(remote):
     assert http.get(job["url"]).json()["error"]["type"] == "WorkerLost"
     assert base64.b64decode(http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, **SMALL}
                                       ).json()["images"][0])[:4] == b"\x89PNG"   # the transport still serves
+
+
+def test_serve_ray_flags_and_without_ray_one_line_to_install_it(monkeypatch):
+    run = lambda *args: CliRunner().invoke(main, ["serve", *args])
+    assert "--replicas needs --ray" in run("--replicas", "2").output
+    assert "exclude each other" in run("--ray", "--replicas", "2", "--autoscale", "1:2").output
+    monkeypatch.setitem(sys.modules, "ray", None)          # `import ray` raises ImportError
+    res = run("--ray", "--replicas", "2")
+    assert res.exit_code == BackendUnavailable.exit_code
+    assert res.output.strip().splitlines() == ['Error: Ray is not installed: pip install "fastldm[ray]"']
+    assert parse_autoscale("1:4") == (1, 4)
+    for bad in ("4", "2:1", "a:b", "0:0"):
+        with pytest.raises(SettingError):
+            parse_autoscale(bad)
