@@ -28,7 +28,7 @@ class InProcessClient:
     def _call(self, coro):
         return _copy(asyncio.run_coroutine_threadsafe(coro, self.loop).result())
 
-    def run(self, model, request) -> "Stream":
+    def run(self, model, request) -> Stream:
         stream = Stream(self, *_copy((model, request)))
         self.streams.append(stream)
         return stream

@@ -55,10 +55,10 @@ def owner(job: dict) -> str:
 def test_skip_reaches_the_replica_that_owns_the_job(http):
     """stop_early is routed by the job id's owner: with two replicas, a wrong route would miss half the time."""
     for _ in range(4):
-        job = http.post("/fastldm/v1/jobs", json=SLOW).json()
-        wait_until(lambda: http.get(job["url"]).json()["progress"]["step"] > 0)
+        url = http.post("/fastldm/v1/jobs", json=SLOW).json()["url"]
+        wait_until(lambda u=url: http.get(u).json()["progress"]["step"] > 0)
         http.post("/sdapi/v1/skip")
-        view = wait_until(lambda: (v := http.get(job["url"]).json())["status"] == "done" and v)
+        view = wait_until(lambda u=url: (v := http.get(u).json())["status"] == "done" and v)
         assert view["result"]["steps"] < 150
 
 
@@ -86,7 +86,7 @@ def test_a_killed_replica_fails_its_request_with_503_and_is_replaced(http):
             break
         jobs = [http.post("/fastldm/v1/jobs", json=QUICK | {"steps": s}).json() for s in (30, 4)]
         for job in jobs:
-            assert wait_until(lambda: (v := http.get(job["url"]).json())["status"] in ("done", "failed") and v
-                              )["status"] == "done"
+            view = wait_until(lambda url=job["url"]: (v := http.get(url).json())["status"] in ("done", "failed") and v)
+            assert view["status"] == "done"
             seen.add(owner(job))
     assert replacement in seen and killed not in seen

@@ -12,16 +12,16 @@ import sys
 import threading
 from pathlib import Path
 
-import fastldm
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import fastldm
 from fastldm.api import EMBEDDED_MODEL
 from fastldm.cli import main
-from fastldm.errors import (BackendUnavailable, MemoryBudgetError, SettingError, QueueFull, RequestError, ShuttingDown, UnknownJob, UnknownModel,
-                            WorkerLost)
+from fastldm.errors import (BackendUnavailable, MemoryBudgetError, QueueFull, RequestError, SettingError,
+                            ShuttingDown, UnknownJob, UnknownModel, WorkerLost)
 from fastldm.request import GenerationRequest
 from fastldm.serve import Settings, create_app
 from fastldm.serve.model_worker import ModelWorker

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..errors import Cancelled, FastLDMError
 from ..request import GenerationRequest

@@ -97,7 +97,7 @@ class RayClient:
     def __init__(self, handle):
         self.handle = handle
 
-    def run(self, model, request) -> "RayStream":
+    def run(self, model, request) -> RayStream:
         return RayStream(self.handle.options(stream=True).run.remote(model, request))
 
     def stop_early(self, job_id: str) -> bool:

@@ -26,7 +26,7 @@ def require_serve():
     """The `ray` module with Ray Serve, or BackendUnavailable saying how to install it."""
     try:
         import ray
-        import ray.serve  # noqa: F401
+        import ray.serve
     except ImportError:
         raise BackendUnavailable(INSTALL) from None
     return ray
