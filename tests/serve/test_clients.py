@@ -1,7 +1,7 @@
 """`fastldm serve` in a subprocess on a free loopback port, used by the real clients: `webuiapi` (A1111) and
 `openai`. Images decode, carry their parameters and match `fastldm generate` for the same seed; progress while a
 job runs; the API key both ways; CORS preflight; cancelling one job; a client that disconnects loses its job;
-Ctrl-C answers the waiting clients and exits. One server for the module (its last test stops it); each test runs
+Ctrl-C answers the waiting clients and exits; and test_app.py's jobs API tests over HTTP. One server for the module (its last test stops it); each test runs
 against the plain server and, marked `ray`, against `fastldm serve --ray` with 2 model worker replicas."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
+from . import test_app
 from .conftest import SRC, ServerProcess, wait_until
 
 KEY = "test-key"
@@ -181,6 +182,15 @@ def test_cancel_cancels_that_job_only(http):
     assert http.post(f"{slow['url']}/cancel").json()["status"] == "cancelled"
     assert wait_until(lambda: (v := http.get(quick["url"]).json())["status"] == "done" and v)["result"]
     assert http.get(slow["url"]).json()["error"]["type"] == "Cancelled"
+
+
+@pytest.mark.parametrize("jobs_test", [test_app.test_jobs_api_events_files_and_cancel,
+                                       test_app.test_plan_check_answers_200_either_way,
+                                       test_app.test_openai_url_responses_point_at_kept_files],
+                         ids=lambda f: f.__name__.removeprefix("test_"))
+def test_jobs_api_over_http(http, jobs_test):
+    """test_app.py's jobs API tests (written for the in-process app) over HTTP, against this module's servers."""
+    jobs_test(http)
 
 
 def raw_request(server, path: str, body: dict) -> socket.socket:
