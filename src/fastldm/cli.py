@@ -295,7 +295,8 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
               "recently used idle model is unloaded to make room (default: half the RAM, or of the GPU's memory)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP + " (with --ray, each "
+              "model worker runs --cpus-per-replica threads)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--open", "open_page", is_flag=True, help="open the page in the web browser once the server is up")
@@ -335,7 +336,7 @@ def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_b
         from .serve.ray_server import parse_autoscale, serve_on_ray
 
         serve_on_ray(settings, address, replicas or 1, None if autoscale is None else parse_autoscale(autoscale),
-                     cpus_per_replica, gpus_per_replica, log_level)
+                     cpus_per_replica, gpus_per_replica, log_level, open_page)
         return
     from .serve.server import serve as run_server
 

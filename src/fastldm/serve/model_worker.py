@@ -4,7 +4,7 @@ ray_app.py makes it a Ray Serve deployment; nothing here knows Ray, so it also r
 
     run(model, request)   a job's stream of messages (messages.py); closing the stream early cancels the job
     stop_early(job_id)    A1111 interrupt/skip of one job: it ends at its next step with what it has
-    check(model, request) (ModelInfo, Plan) or Refused, as POST /fastldm/v1/plan wants it
+    check(model, request) (listed name, Plan) or Refused, as POST /fastldm/v1/plan wants it
     load(model)           load a listed model (None: the default); its ModelInfo, or Refused
 
 Job ids are "<worker id>.<the job's own id>", so whoever holds an id knows which worker owns the job.

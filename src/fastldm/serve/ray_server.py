@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import webbrowser
 
 from ..errors import BackendUnavailable, SettingError
 from ..loading.load import read_config
@@ -45,8 +46,9 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 def serve_on_ray(settings: Settings, address: str | None = None, replicas: int = 1,
                  autoscale: tuple[int, int] | None = None, cpus_per_replica: float = 1,
-                 gpus_per_replica: float = 0, log_level: str = "info") -> None:
-    """Deploy and block until Ctrl-C or SIGTERM (see the module docstring)."""
+                 gpus_per_replica: float = 0, log_level: str = "info", open_page: bool = False) -> None:
+    """Deploy and block until Ctrl-C or SIGTERM (see the module docstring); `open_page` opens the page in the
+    default web browser once the application is up."""
     ray = require_serve()
     from ray import serve
 
@@ -69,6 +71,8 @@ def serve_on_ray(settings: Settings, address: str | None = None, replicas: int =
         print(f"fastldm serving {default.name} at {url}/ on Ray "
               f"Serve ({scale} model worker replicas of {cpus_per_replica:g} CPU)  (API docs: {url}/docs; Ctrl-C "
               "stops)", flush=True)
+        if open_page:
+            webbrowser.open(f"{url}/")
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             while not stop.wait(0.5):
