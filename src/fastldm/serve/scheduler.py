@@ -75,17 +75,18 @@ class Worker:
         job.emit("queued")
 
     def cancel(self, job: ServeJob, error: BaseException) -> None:
-        """End `job` now with `error` (a Cancelled); a running one leaves the batch at the next step."""
+        """End `job` now with `error` (a Cancelled); a running one leaves the batch at the next step, and so does
+        one the worker is starting (taken from the queue, not yet in the batch: its prompt is being encoded)."""
         with self._cond:
-            queued, running = job in self._queue, job in self._running
+            queued = job in self._queue
             if queued:
                 self._queue.remove(job)
-            elif running:
+            elif not job.ended:
                 job.cancel_with = error
                 self._cond.notify()
         if queued:
             self._outcome("cancelled")
-        if queued or running:
+        if not job.ended:
             job.error = error
             job.emit("cancelled", error=str(error))
 
