@@ -295,25 +295,52 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
               "recently used idle model is unloaded to make room (default: half the RAM, or of the GPU's memory)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
-@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
+@click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP + " (with --ray, each "
+              "model worker runs --cpus-per-replica threads)")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--open", "open_page", is_flag=True, help="open the page in the web browser once the server is up")
+@click.option("--ray", "use_ray", is_flag=True, help='serve on Ray Serve: this app as the ingress, the models in a '
+              'ModelWorker deployment of its own (pip install "fastldm[ray]")')
+@click.option("--address", default=None, help="with --ray: the cluster to join, auto or HOST:PORT (default: start "
+              "a local Ray instance of the replicas' CPUs)")
+@click.option("--replicas", default=None, type=click.IntRange(1, 10000), help="with --ray: model worker replicas "
+              "[default: 1]")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="with --ray: autoscale the model workers "
+              "between MIN and MAX replicas, aiming at --max-batch jobs in flight per replica")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(0.1, 4096),
+              help="with --ray: CPUs each model worker reserves (and its torch threads)")
+@click.option("--gpus-per-replica", default=0.0, type=click.FloatRange(0, 64), help="with --ray: GPUs each model "
+              "worker reserves (use with --device cuda)")
 @user_errors
 def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_batch, max_size, max_steps, max_n,
-          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level, open_page) -> None:
+          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level, open_page, use_ray, address,
+          replicas, autoscale, cpus_per_replica, gpus_per_replica) -> None:
     """Serve models over HTTP: A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs, async jobs (/fastldm/v1), and a
-    page at / ; concurrent requests are batched step by step."""
-    from .serve.server import serve as run_server
+    page at / ; concurrent requests are batched step by step. With --ray, on Ray Serve (same routes)."""
     from .serve.settings import Settings, parse_bytes, parse_size
 
+    ray_only = {"--address": address, "--replicas": replicas, "--autoscale": autoscale}
+    if not use_ray and any(v is not None for v in ray_only.values()):
+        raise click.UsageError(f"{next(k for k, v in ray_only.items() if v is not None)} needs --ray")
+    if replicas is not None and autoscale is not None:
+        raise click.UsageError("--replicas and --autoscale exclude each other")
     width, height = parse_size(max_size)
-    run_server(Settings(model=model, models_dir=models_dir, host=host, port=port, api_key=api_key,
+    settings = Settings(model=model, models_dir=models_dir, host=host, port=port, api_key=api_key,
                         cors_origins=tuple(cors_origins), max_queue=max_queue, max_batch=max_batch, max_width=width,
                         max_height=height, max_steps=max_steps, max_n=max_n, max_prompt_chars=max_prompt_chars,
                         max_body_bytes=parse_bytes(max_body),
                         model_memory=None if model_memory is None else parse_bytes(model_memory),
-                        device=device, dtype=dtype, threads=threads), log_level=log_level, open_page=open_page)
+                        device=device, dtype=dtype, threads=threads)
+    if use_ray:
+        from .serve.ray_server import parse_autoscale, serve_on_ray
+
+        serve_on_ray(settings, address, replicas or 1, None if autoscale is None else parse_autoscale(autoscale),
+                     cpus_per_replica, gpus_per_replica, log_level, open_page)
+        return
+    from .serve.server import serve as run_server
+
+    run_server(settings, log_level=log_level, open_page=open_page)
 
 
 @main.group()

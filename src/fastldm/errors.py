@@ -7,7 +7,9 @@ reason. Anything else that escapes the library (a torch failure, a bug) is *not*
 traceback.
 
 Classes also derive from the builtin they refine (ValueError, RuntimeError, ...), so code written against
-the builtins keeps working.
+the builtins keeps working. They pickle with their fields (Exception's pickling calls cls(*args), so a class
+whose constructor takes its fields says how to rebuild it, in __reduce__) (a Ray Serve model worker's error reaches the HTTP
+process that answers the client).
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ class RequestError(FastLDMError, ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}={value!r} is not valid: {allowed}")
 
+    def __reduce__(self):
+        return type(self), (self.field, self.value, self.allowed)
+
 
 class BackendUnavailable(FastLDMError, RuntimeError):
     """A kernel backend, runtime mode or device was asked for but cannot run here (or for this input)."""
@@ -66,6 +71,9 @@ class MemoryBudgetError(FastLDMError, MemoryError):
         self.needed, self.budget = needed, budget
         super().__init__(message)
 
+    def __reduce__(self):
+        return type(self), (str(self), self.needed, self.budget)
+
 
 class Cancelled(FastLDMError):
     """A run that its caller cancelled (interrupt, a disconnected client, a server shutting down)."""
@@ -78,6 +86,12 @@ class ShuttingDown(Cancelled):
     http_status = 503
 
 
+class WorkerLost(FastLDMError, ConnectionError):
+    """A job whose model worker stopped before answering (a Ray Serve replica that died or was removed: Ray
+    starts a replacement, so the same request can be sent again)."""
+    http_status = 503
+
+
 class UnknownModel(FastLDMError, LookupError):
     """A model name that is not in the server's listing (names are looked up, never opened as paths)."""
     exit_code = 3
@@ -86,6 +100,9 @@ class UnknownModel(FastLDMError, LookupError):
     def __init__(self, name: str, listed: list[str]):
         self.name, self.listed = name, listed
         super().__init__(f"no model called {name!r}; the models are: {', '.join(listed)}")
+
+    def __reduce__(self):
+        return type(self), (self.name, self.listed)
 
 
 class UnknownJob(FastLDMError, LookupError):
@@ -96,6 +113,9 @@ class UnknownJob(FastLDMError, LookupError):
         self.job_id = job_id
         super().__init__(f"no job {job_id!r}: unknown, or finished too long ago to be kept")
 
+    def __reduce__(self):
+        return type(self), (self.job_id,)
+
 
 class QueueFull(FastLDMError):
     """The server has as many requests waiting as it accepts; `retry_after` is its estimate (seconds) of when
@@ -103,8 +123,11 @@ class QueueFull(FastLDMError):
     http_status = 429
 
     def __init__(self, waiting: int, retry_after: int):
-        self.retry_after = retry_after
+        self.waiting, self.retry_after = waiting, retry_after
         super().__init__(f"the server is busy: {waiting} requests are waiting; try again in about {retry_after} s")
+
+    def __reduce__(self):
+        return type(self), (self.waiting, self.retry_after)
 
 
 class Unauthorized(FastLDMError, PermissionError):

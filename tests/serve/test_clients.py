@@ -1,7 +1,8 @@
 """`fastldm serve` in a subprocess on a free loopback port, used by the real clients: `webuiapi` (A1111) and
 `openai`. Images decode, carry their parameters and match `fastldm generate` for the same seed; progress while a
 job runs; the API key both ways; CORS preflight; cancelling one job; a client that disconnects loses its job;
-Ctrl-C answers the waiting clients and exits. One server for the module (its last test stops it)."""
+Ctrl-C answers the waiting clients and exits; and test_app.py's jobs API tests over HTTP. One server for the module (its last test stops it); each test runs
+against the plain server and, marked `ray`, against `fastldm serve --ray` with 2 model worker replicas."""
 from __future__ import annotations
 
 import base64
@@ -21,6 +22,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
+from . import test_app
 from .conftest import SRC, ServerProcess, wait_until
 
 KEY = "test-key"
@@ -45,14 +47,23 @@ def reference(tmp_path_factory):
     return image
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, reference):
+# The same tests against `fastldm serve` and `fastldm serve --ray` (a local Ray instance of 2 CPUs: the HTTP
+# ingress and 2 model worker replicas of 1 CPU; marked `ray`, so they run with `pytest -m ray`).
+RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1")
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def server(request, tmp_path_factory, reference):
+    if request.param == "ray":
+        pytest.importorskip("ray")
     models = tmp_path_factory.mktemp("models")
     from fastldm.api import EMBEDDED_MODEL
 
     (models / "shapes-copy").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
     proc = ServerProcess("--api-key", KEY, "--cors-origin", ORIGIN, "--max-batch", "2", "--models-dir", str(models),
+                         *(RAY if request.param == "ray" else ()),
                          log=tmp_path_factory.mktemp("server") / "server.log")
+    proc.kind = request.param
     try:
         proc.wait_ready()
         yield proc
@@ -173,6 +184,15 @@ def test_cancel_cancels_that_job_only(http):
     assert http.get(slow["url"]).json()["error"]["type"] == "Cancelled"
 
 
+@pytest.mark.parametrize("jobs_test", [test_app.test_jobs_api_events_files_and_cancel,
+                                       test_app.test_plan_check_answers_200_either_way,
+                                       test_app.test_openai_url_responses_point_at_kept_files],
+                         ids=lambda f: f.__name__.removeprefix("test_"))
+def test_jobs_api_over_http(http, jobs_test):
+    """test_app.py's jobs API tests (written for the in-process app) over HTTP, against this module's servers."""
+    jobs_test(http)
+
+
 def raw_request(server, path: str, body: dict) -> socket.socket:
     """Send a request on a raw socket and return it unread (closing it = the client going away)."""
     data = json.dumps(body).encode()
@@ -190,21 +210,23 @@ def counter(http, name: str) -> float:
 def test_a_client_that_disconnects_loses_its_job(server, http):
     health = lambda: http.get("/healthz").json()
     before = counter(http, "fastldm_disconnects_total"), counter(http, 'fastldm_jobs_total{outcome="cancelled"}')
-    full = http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 150, "n": 2, "width": 64,
-                                               "height": 64}).json()   # fills --max-batch 2
-    wait_until(lambda: health()["running"] == 1)
+    workers = 2 if server.kind == "ray" else 1        # each gets one job that fills its --max-batch 2
+    full = [http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 150, "n": 2, "width": 64,
+                                                "height": 64}).json() for _ in range(workers)]
+    wait_until(lambda: health()["running"] == workers)
     queued = raw_request(server, "/v1/images/generations", {"prompt": PROMPT, "size": "64x64", "steps": 4})
     wait_until(lambda: health()["queued"] == 1)
     queued.close()                                                  # dropped from the queue
     wait_until(lambda: health()["queued"] == 0)
-    http.post(f"{full['url']}/cancel")
+    for job in full:
+        http.post(f"{job['url']}/cancel")
     wait_until(lambda: health()["running"] == 0)
     running = raw_request(server, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 150, "width": 64, "height": 64})
     wait_until(lambda: health()["running"] == 1)
     running.close()                                                 # leaves the batch at the next step
     wait_until(lambda: health()["running"] == 0, timeout=30)
     after = counter(http, "fastldm_disconnects_total"), counter(http, 'fastldm_jobs_total{outcome="cancelled"}')
-    assert after[0] - before[0] == 2 and after[1] - before[1] == 3   # the two clients' jobs and the cancelled one
+    assert after[0] - before[0] == 2 and after[1] - before[1] == 2 + workers   # the two clients' and the full
 
 
 def test_zz_ctrl_c_answers_waiting_clients_and_exits(server, a1111):

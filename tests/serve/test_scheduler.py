@@ -3,6 +3,8 @@ requests join between steps and leave when done, max_batch bounds what runs toge
 interrupt / skip / cancel / shutdown end the right jobs, and models live in an LRU within a memory budget."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -130,6 +132,23 @@ def test_preview_follows_the_running_job(scheduler):
     preview = job.preview()
     assert preview.size == (64, 64) and np.asarray(preview).std() > 0
     sched.cancel(job)
+
+
+def test_cancel_while_the_worker_starts_the_job(scheduler, monkeypatch):
+    """The moment the worker has taken a job from the queue and is starting it (encoding its prompt: the job is
+    in neither the queue nor the batch), made long here, is no exception: cancel ends it."""
+    sched = scheduler()
+    worker = sched.worker(None)
+    sched.release(worker)
+    add = worker._run.add
+    monkeypatch.setattr(worker._run, "add", lambda *a, **kw: (time.sleep(0.5), add(*a, **kw))[1])
+    job = sched.submit(None, GenerationRequest("a red cube", steps=150, width=64, height=64))
+    wait_until(lambda: not worker.queued)
+    assert job.status == "queued" and not worker.running        # being started
+    sched.cancel(job)
+    assert job.status == "cancelled"
+    wait_until(lambda: not worker.running and not worker._run.jobs, timeout=30)   # and it never runs
+    assert job.status == "cancelled" and job.result is None
 
 
 def test_close_cancels_queued_and_running_jobs(scheduler):

@@ -63,6 +63,15 @@ class SamplerSpec:
     diffusers: str = ""             # the diffusers scheduler (and settings) it reproduces
     takes_timesteps: bool = False   # fn also takes the grid's DDPM timesteps (LCM's boundary condition)
 
+    def __reduce__(self):
+        # A plan crosses processes (Ray Serve's model workers); a mappingproxy does not pickle, a dict does.
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _spec, (fields | {"options": dict(self.options)},)
+
+
+def _spec(fields: dict) -> SamplerSpec:
+    return SamplerSpec(**fields | {"options": MappingProxyType(fields["options"])})
+
 
 _SAMPLERS = (
     SamplerSpec("euler", "Euler", sample_euler, "discrete", aliases=("k_euler", "EulerDiscreteScheduler"),

@@ -8,6 +8,11 @@ step-level batching of concurrent requests.
     jobs_api.py    /fastldm/v1 (async jobs, SSE, files)       preview.py    latent -> RGB live previews
     security.py    the optional API key                       outputs.py    PNG/JPEG/WebP/depth encoding
     metrics.py     Prometheus metrics                         server.py     uvicorn, clean Ctrl-C
+
+`fastldm serve --ray`: the same app in front of model workers in other processes, on Ray Serve:
+    model_worker.py   a Scheduler behind picklable calls       remote_scheduler.py  the app's scheduler over them
+    messages.py       what they say about a job                ray_app.py           the Serve deployments
+    ray_server.py     join or start Ray, deploy, Ctrl-C
 """
 from .app import create_app
 from .settings import Settings

@@ -196,13 +196,13 @@ def router(ctx) -> APIRouter:
 
     @api.get("/sd-models", response_model=list[SDModelItem])
     def sd_models() -> list[SDModelItem]:
-        hashes = {w.name: w.model_hash for w in scheduler.workers()}
+        hashes = scheduler.model_hashes()
         return [SDModelItem(title=e.name, model_name=e.name, hash=hashes.get(e.name), sha256=None,
                             filename=e.file_name, config=None) for e in ctx.catalog.entries()]
 
     @api.get("/options")
     def get_options() -> dict[str, Any]:
-        hashes = {w.name: w.model_hash for w in scheduler.workers()}
+        hashes = scheduler.model_hashes()
         return {"sd_model_checkpoint": ctx.a1111_model, "sd_checkpoint_hash": hashes.get(ctx.a1111_model),
                 "samples_format": "png"}
 
@@ -211,7 +211,7 @@ def router(ctx) -> APIRouter:
         name = body.get("sd_model_checkpoint")
         if name is not None:
             entry = ctx.catalog.resolve(str(name))
-            scheduler.release(await run_in_threadpool(scheduler.worker, entry.name))   # load it, as A1111 does
+            await run_in_threadpool(scheduler.load, entry.name)   # load it, as A1111 does
             ctx.a1111_model = entry.name
 
     @api.get("/scripts", response_model=ScriptsList)

@@ -1,6 +1,11 @@
 """`create_app(settings)`: the FastAPI application of `fastldm serve`, with all of its state in one `ServeContext`
 (no module globals), so tests can run several apps in one process.
 
+The app talks to its scheduler through the methods of scheduler.Scheduler that the routers call (submit, check,
+cancel, interrupt, skip, current, eta, queued, running, load, loaded, model_hashes, close, and its `catalog` and
+`metrics`). By default that is a Scheduler in this process; `fastldm serve --ray` passes a RemoteScheduler
+(remote_scheduler.py), whose jobs run in model workers elsewhere (ray_app.py).
+
 Routes: the page at / (static files under /static), the A1111 API under /sdapi/v1 (a1111.py), the OpenAI images
 API under /v1 (openai_api.py), the async jobs API under /fastldm/v1 (jobs_api.py), /healthz, /metrics, and the
 OpenAPI docs at /docs.
@@ -49,7 +54,7 @@ class ServeContext:
     settings: Settings
     catalog: ModelCatalog
     metrics: Metrics
-    scheduler: Scheduler
+    scheduler: Scheduler      # or a RemoteScheduler
     store: JobStore
     a1111_model: str          # A1111's current model (POST /sdapi/v1/options sd_model_checkpoint)
 
@@ -62,22 +67,24 @@ class Health(BaseModel):
     running: int
 
 
-def create_app(settings: Settings | None = None, load: Callable | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, load: Callable | None = None, scheduler=None) -> FastAPI:
     """The server's app (default settings: Settings()). `load(path, device=, dtype=)` loads a listed model
-    (default `fastldm.load`)."""
+    (default `fastldm.load`); `scheduler`: the jobs' scheduler (default: a Scheduler in this process, with `load`),
+    whose catalog and metrics the app shares."""
     settings = settings or Settings()
     from . import a1111, jobs_api, openai_api
     from ..api import load as load_model
 
-    catalog = ModelCatalog(settings.model, settings.models_dir)
-    metrics = Metrics()
-    scheduler = Scheduler(settings, catalog, metrics, load or load_model)
+    if scheduler is None:
+        scheduler = Scheduler(settings, ModelCatalog(settings.model, settings.models_dir), Metrics(),
+                              load or load_model)
+    catalog, metrics = scheduler.catalog, scheduler.metrics
     ctx = ServeContext(settings, catalog, metrics, scheduler, JobStore(settings.result_ttl_s, settings.result_count),
                        catalog.default.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.release(await run_in_threadpool(scheduler.worker, None))   # load the default model now
+        await run_in_threadpool(scheduler.load, None)   # load the default model now
         log.info("fastldm %s: serving %s", __version__, catalog.default.name)
         yield
         await run_in_threadpool(scheduler.close)

@@ -75,17 +75,18 @@ class Worker:
         job.emit("queued")
 
     def cancel(self, job: ServeJob, error: BaseException) -> None:
-        """End `job` now with `error` (a Cancelled); a running one leaves the batch at the next step."""
+        """End `job` now with `error` (a Cancelled); a running one leaves the batch at the next step, and so does
+        one the worker is starting (taken from the queue, not yet in the batch: its prompt is being encoded)."""
         with self._cond:
-            queued, running = job in self._queue, job in self._running
+            queued = job in self._queue
             if queued:
                 self._queue.remove(job)
-            elif running:
+            elif not job.ended:
                 job.cancel_with = error
                 self._cond.notify()
         if queued:
             self._outcome("cancelled")
-        if queued or running:
+        if not job.ended:
             job.error = error
             job.emit("cancelled", error=str(error))
 
@@ -261,9 +262,19 @@ class Scheduler:
         with self._lock:
             worker.pins -= 1
 
+    def load(self, name: str | None) -> str:
+        """Load the listed model `name` (None: the default) if it is not loaded; its listed name. Blocking."""
+        worker = self.worker(name)
+        self.release(worker)
+        return worker.name
+
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._workers)
+
+    def model_hashes(self) -> dict[str, str]:
+        """The A1111 short hash of each loaded model, by name."""
+        return {w.name: w.model_hash for w in self.workers()}
 
     def _make_room(self, name: str, needed: int) -> None:
         """Stop idle workers, least recently used first, until `needed` more bytes fit the budget."""

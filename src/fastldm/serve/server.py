@@ -45,7 +45,7 @@ def serve(settings: Settings, log_level: str = "info", open_page: bool = False) 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(settings)
     scheduler = app.state.fastldm.scheduler
-    scheduler.release(scheduler.worker(None))   # the default model now: a bad one is a one-line error, not a traceback
+    scheduler.load(None)   # the default model now: a bad one is a one-line error, not a traceback
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=5, access_log=False)
     url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
