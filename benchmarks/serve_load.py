@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -31,55 +29,16 @@ from pathlib import Path
 
 import httpx
 
+from fastldm.testing import ServerProcess
+
 PROMPTS = ["a red cube left of a blue sphere", "a small green cone", "a yellow sphere in front of a purple cube",
            "a large blue cylinder on the right", "two red spheres", "a white cube behind a green sphere"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: str | None, max_batch: int, threads: int | None, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "fastldm.cli", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
-                "--max-queue", "256", "--log-level", "warning"]
-        args += (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
-        self.proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("server not ready")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def server(model: str | None, max_batch: int, threads: int | None, log: Path) -> ServerProcess:
+    args = ["--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"]
+    args += (["--model", model] if model else []) + (["--threads", str(threads)] if threads else [])
+    return ServerProcess(*args, log=log)
 
 
 def run_level(url: str, clients: int, count: int, body: dict, max_seconds: float, first_seed: int) -> dict:
@@ -133,11 +92,11 @@ def merge(parts: list[dict], cpu_s: float) -> dict:
 
 def bench_model(name: str, model: str | None, body: dict, levels: dict[int, int], batch: int, threads: int | None,
                 rounds: int, max_seconds: float, logs: Path) -> dict:
-    servers = {"batched": Server(model, batch, threads, logs / f"{name}-batched.log"),
-               "one-at-a-time": Server(model, 1, threads, logs / f"{name}-single.log")}
+    servers = {"batched": server(model, batch, threads, logs / f"{name}-batched.log"),
+               "one-at-a-time": server(model, 1, threads, logs / f"{name}-single.log")}
     try:
         for s in servers.values():
-            s.wait_ready()
+            s.wait_ready(900)
         loaded = {mode: s.rss_mb() for mode, s in servers.items()}
         for mode, s in servers.items():   # warm-up: one request, then a full burst (so the batch size peaks)
             for clients in (1, max(levels)):

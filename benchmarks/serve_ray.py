@@ -25,13 +25,13 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-from serve_load import free_port, run_level   # benchmarks/ is on sys.path when this script runs
+from serve_load import run_level   # benchmarks/ is on sys.path when this script runs
+
+from fastldm.testing import ServerProcess
 
 LOAD = {"width": 64, "height": 64, "steps": 20, "sampler_name": "DPM++ 2M"}
 PROBE = {"width": 8, "height": 8, "steps": 1, "sampler_name": "Euler"}
@@ -58,37 +58,26 @@ def tree_cpu_s(root: int) -> float:
     return total
 
 
-def server(config: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [sys.executable, "-m", "fastldm.cli", "serve", "--port", str(port), "--max-batch", "8", "--max-queue",
-            "256", "--log-level", "warning"]
+def server(config: str, log: Path) -> ServerProcess:
+    args = ["--max-batch", "8", "--max-queue", "256", "--log-level", "warning"]
     args += ["--threads", "1"] if config == "plain" else ["--ray", "--replicas", config.split("-")[1],
                                                           "--cpus-per-replica", "1"]
-    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{config}: server exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{config}: not ready")
+    proc = ServerProcess(*args, log=log)
+    proc.wait_ready(600)
+    return proc
 
 
 def bench(config: str, requests: int, clients: int, probes: int, logs: Path) -> dict:
     t0 = time.perf_counter()
-    proc, url = server(config, logs / f"serve_ray-{config}.log")
+    proc = server(config, logs / f"serve_ray-{config}.log")
+    url = proc.url
     ready_s = time.perf_counter() - t0
     try:
         warm = run_level(url, clients, clients, LOAD, 600, 90_000)
         assert warm["failed"] == 0, warm["failures"]
-        c0 = tree_cpu_s(proc.pid)
+        c0 = tree_cpu_s(proc.proc.pid)
         load = run_level(url, clients, requests, LOAD, 1800, 0)
-        cpu = tree_cpu_s(proc.pid) - c0
+        cpu = tree_cpu_s(proc.proc.pid) - c0
         lat = sorted(load["latencies"])
         probe = run_level(url, 1, probes, PROBE, 600, 50_000)
         plat = sorted(probe["latencies"])
@@ -102,12 +91,7 @@ def bench(config: str, requests: int, clients: int, probes: int, logs: Path) -> 
         print(json.dumps(row), flush=True)
         return row
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop(120)
 
 
 def main() -> None:

@@ -4,14 +4,12 @@ Starts `fastldm serve` (the embedded RGBD model) on a free port, generates one i
 Chromium through Playwright (as tests/serve/test_page.py does) and saves the page once its 3-D view has loaded."""
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
+import tempfile
 from pathlib import Path
 
-import httpx
 from playwright.sync_api import sync_playwright
+
+from fastldm.testing import server_process
 
 PROMPT = "a red cube left of a blue sphere"
 OUT = Path(__file__).with_name("serve-page.png")
@@ -20,22 +18,11 @@ ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--disable-gpu", "--no-fi
 
 
 def main() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "fastldm.cli", "serve", "--port", str(port), "--threads", "1"])
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with tempfile.TemporaryDirectory() as tmp, server_process(Path(tmp) / "server.log", "--threads", "1") as server:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 760})
-            page.goto(url + "/")
+            page.goto(server.url + "/")
             page.get_by_label("Prompt", exact=True).fill(PROMPT)
             page.get_by_label("Size").fill("128x128")
             page.get_by_label("Steps").fill("30")
@@ -45,9 +32,6 @@ def main() -> None:
             page.wait_for_timeout(1000)
             page.screenshot(path=str(OUT))
             browser.close()
-    finally:
-        server.terminate()
-        server.wait()
     print(f"wrote {OUT}")
 
 

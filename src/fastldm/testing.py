@@ -1,5 +1,6 @@
 """What tests and benchmarks share: random-weight models built in code (tiny ones for every family, full-size
-SD 1.5 / SDXL for speed and memory), and the measures they compare with (relative error, PSNR, median time).
+SD 1.5 / SDXL for speed and memory), the measures they compare with (relative error, PSNR, median time), and
+`fastldm serve` in a subprocess (`ServerProcess`).
 
 No model is downloaded: weights are seeded noise, which is all correctness against a reference and speed need
 (speed does not depend on weight values). Two initialisations:
@@ -11,8 +12,14 @@ No model is downloaded: weights are seeded noise, which is all correctness again
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -155,3 +162,77 @@ def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m fastldm.cli serve ARGS` on a free loopback port, its output in `log`, running this process's
+    fastldm (its source folder goes first on the child's PYTHONPATH). `wait_ready()` polls /healthz; `stop()`
+    sends Ctrl-C (SIGINT) and waits, killing it only if it does not end."""
+
+    def __init__(self, *args: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        src = str(Path(__file__).resolve().parent.parent)
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fastldm.cli", "serve", "--port", str(self.port),
+                                          *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def rss_mb(self) -> float:
+        """The server process's resident set now (MiB)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextmanager
+def server_process(log: Path, *args: str, timeout: float = 180.0):
+    """A ready `ServerProcess` for the `with` block, stopped after it."""
+    server = ServerProcess(*args, log=log)
+    try:
+        server.wait_ready(timeout)
+        yield server
+    finally:
+        server.stop()

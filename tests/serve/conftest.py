@@ -2,20 +2,14 @@
 subprocess on a free loopback port (for the real clients, disconnects and Ctrl-C)."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 import fastldm
+from fastldm import testing
 from fastldm.api import EMBEDDED_MODEL
 from fastldm.serve import Settings, create_app
 
@@ -46,59 +40,9 @@ def make_client(embedded_pipe, one_thread):
         client.__exit__(None, None, None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m fastldm.cli serve ARGS` on a free port; `stop()` sends Ctrl-C (SIGINT) and waits."""
-
-    def __init__(self, *args: str, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fastldm.cli", "serve", "--port", str(self.port),
-                                          "--threads", "1", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-@contextmanager
 def server_process(tmp_path: Path, *args: str):
-    server = ServerProcess(*args, log=tmp_path / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    """`fastldm serve --threads 1 ARGS` in a subprocess (fastldm.testing.server_process), logging into tmp_path."""
+    return testing.server_process(tmp_path / "server.log", "--threads", "1", *args)
 
 
 def wait_until(condition, timeout: float = 60.0, every: float = 0.05):

@@ -23,7 +23,9 @@ import webuiapi
 from PIL import Image
 
 from . import test_app
-from .conftest import SRC, ServerProcess, wait_until
+from fastldm.testing import ServerProcess
+
+from .conftest import SRC, wait_until
 
 KEY = "test-key"
 ORIGIN = "http://page.example"
@@ -60,7 +62,7 @@ def server(request, tmp_path_factory, reference):
     from fastldm.api import EMBEDDED_MODEL
 
     (models / "shapes-copy").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
-    proc = ServerProcess("--api-key", KEY, "--cors-origin", ORIGIN, "--max-batch", "2", "--models-dir", str(models),
+    proc = ServerProcess("--threads", "1", "--api-key", KEY, "--cors-origin", ORIGIN, "--max-batch", "2", "--models-dir", str(models),
                          *(RAY if request.param == "ray" else ()),
                          log=tmp_path_factory.mktemp("server") / "server.log")
     proc.kind = request.param

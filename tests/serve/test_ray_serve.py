@@ -13,7 +13,9 @@ import pytest
 
 from fastldm.serve import Settings
 
-from .conftest import SRC, free_port, wait_until
+from fastldm.testing import free_port
+
+from .conftest import SRC, wait_until
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
