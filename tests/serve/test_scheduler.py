@@ -163,6 +163,21 @@ def test_close_cancels_queued_and_running_jobs(scheduler):
         sched.submit(None, GenerationRequest("a red cube", steps=4))
 
 
+def test_join_tells_whether_a_step_is_still_running(scheduler, monkeypatch):
+    """After close, `join` waits for the worker threads; a step that outlasts it is reported (the server then
+    exits without it rather than finalising under a running torch op)."""
+    sched = scheduler()
+    worker = sched.worker(None)
+    sched.release(worker)
+    step = worker._run.step
+    monkeypatch.setattr(worker._run, "step", lambda: (time.sleep(1.0), step())[1])
+    job = sched.submit(None, GenerationRequest("a red cube", steps=150, width=64, height=64))
+    wait_until(lambda: job.status == "running")
+    sched.close(wait_s=0.0)
+    assert job.status == "cancelled" and not sched.join(0.0)    # inside its (slow) step
+    assert sched.join(30.0) and not worker.alive                # the step ended, then the thread
+
+
 def test_models_by_listed_name_in_an_lru_within_the_memory_budget(scheduler, embedded_pipe, tmp_path):
     (tmp_path / "copy").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
     (tmp_path / "notes.txt").write_text("not a model")

@@ -102,6 +102,13 @@ class Worker:
             job.emit("cancelled", error=str(error))
         self._thread.join(wait_s)
 
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     @property
     def queued(self) -> list[ServeJob]:
         with self._cond:
@@ -386,6 +393,15 @@ class Scheduler:
             workers = list(self._workers.values())
         for w in workers:
             w.close(self._closed, wait_s)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds in all for the workers' threads to end; whether they all did."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.alive for w in workers)
 
 
 def weights_bytes(pipe) -> int:

@@ -5,12 +5,14 @@ uvicorn's graceful shutdown stops accepting connections and then waits for the r
 runs the app's shutdown; a client waiting for a long job would hold the server up. So the first Ctrl-C (or
 SIGTERM) first shuts the scheduler: no job is admitted any more, queued and running jobs end as cancelled and
 their waiting clients are answered at once (503, "the server is shutting down"), event streams end; then uvicorn
-finishes those responses and exits. A running UNet step is not interrupted (the worker threads are daemons and
-are given a few seconds), so nothing hangs.
+finishes those responses and exits. A running UNet step cannot be interrupted: it gets STEP_GRACE_S to end, and
+past that the process exits without it (exit code 0), so nothing hangs.
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import webbrowser
 
 import uvicorn
@@ -18,6 +20,8 @@ import uvicorn
 from ..runtime.device import configure_process
 from .app import create_app
 from .settings import Settings
+
+STEP_GRACE_S = 10.0   # after Ctrl-C, how long a running denoising step may take to finish
 
 
 class _Server(uvicorn.Server):
@@ -55,3 +59,12 @@ def serve(settings: Settings, log_level: str = "info", open_page: bool = False) 
         _Server(config, lambda: scheduler.close(wait_s=0.0), banner, f"{url}/" if open_page else None).run()
     except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it handled once it has shut down
         pass
+    if not scheduler.join(STEP_GRACE_S):
+        # A worker is still inside a UNet call (its jobs are already answered as cancelled). Letting the
+        # interpreter finalise under a running torch op aborts the process ("terminate called without an
+        # active exception", exit 134); end it here instead, as the server's own program.
+        logging.getLogger("fastldm.serve").warning("stopped during a denoising step; its jobs were cancelled")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
