@@ -204,3 +204,32 @@ def test_staged_text_encoder_is_released(big_text_folder):
     resident = _rss(big_text_folder)
     assert resident["start"] - staged["start"] > 1.5 * te_bytes        # fp32, loaded up front ...
     assert abs(resident["unet"] - resident["encoded"]) < 0.2 * te_bytes  # ... and kept
+
+
+# ---- front ends ---------------------------------------------------------------------------------------------
+
+def test_cli_budget_refuses_with_the_bytes_and_low_generates(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from fastldm.cli import main
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--steps", "1", "--threads", "1",
+                                    "--memory-budget", "100MB", "--out", str(out)])
+    assert res.exit_code == MemoryBudgetError.exit_code and "more than the memory budget of 100 MiB" in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--steps", "1", "--threads", "1",
+                                    "--memory", "low", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(list(out.glob("*.png"))) == 1
+    res = CliRunner().invoke(main, ["info", str(folder), "--memory-budget", "2GB"])
+    assert res.exit_code == 0 and "memory plan:     balanced, budget 2,048 MiB" in res.output
+    assert "predicted peak (16x16, n=1, guided)" in res.output
+
+
+def test_serve_settings_pass_the_memory_options():
+    from fastldm.serve.settings import Settings
+
+    assert Settings().load_options == {"device": "cpu", "dtype": None}
+    assert Settings(memory="low", memory_budget=3 * GiB).load_options == {
+        "device": "cpu", "dtype": None, "memory": "low", "memory_budget": 3 * GiB}
