@@ -7,7 +7,12 @@ import copy
 import pytest
 import torch
 
-from fastldm.runtime.weight_storage import ChunkedConv2d, ChunkedLinear, store_16bit, stored_bytes
+from fastldm.runtime.weight_storage import (
+    ChunkedConv2d,
+    ChunkedLinear,
+    store_16bit,
+    stored_bytes,
+)
 from fastldm.testing import random_module, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -118,12 +118,12 @@ class MemoryPlan:
                 + f" (level {self.level} of 5)",
                 f"  resident:      {', '.join(self.resident) or 'none'}",
                 f"  staged:        {', '.join(self.staged) or 'none'} (loaded for their stage, released after)",
-                f"  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
+                "  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
                 f"  attention:     {self.attention}",
-                f"  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
+                "  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
                                         f"at most {self.unet_batch} rows per call"
                                         + (" (sequential CFG)" if self.sequential_cfg else "")),
-                f"  VAE:           " + ("untiled" if self.vae_tile is None else
+                "  VAE:           " + ("untiled" if self.vae_tile is None else
                                         f"tiled, {self.vae_tile} latent px tiles"
                                         + (f", checkpoints within {_mib(self.vae_tile_budget)}"
                                            if self.vae_tile_budget else "")),
@@ -221,7 +221,7 @@ class MemoryPlanner:
 
     def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
                  compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
-                 device: torch.device = torch.device("cpu"), machine_bytes: int | None = None,
+                 device: torch.device | str = "cpu", machine_bytes: int | None = None,
                  facts: ModelFacts | None = None):
         mode = mode or "balanced"
         if mode not in MODES:
@@ -374,4 +374,4 @@ def _physical_memory() -> int:
     except (ValueError, OSError, AttributeError):
         return 1 << 62
 
-__all__ = ["MemoryPlan", "MemoryPlanner", "ModelFacts", "MODES", "parse_bytes"]
+__all__ = ["MODES", "MemoryPlan", "MemoryPlanner", "ModelFacts", "parse_bytes"]

@@ -15,7 +15,7 @@ decodes. Resident components are never touched. Not thread-safe (one owner drive
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
