@@ -9,10 +9,15 @@ import torch
 from . import __version__
 from .errors import CheckpointError, RequestError, SettingError
 from .images import infotext, save_depth_png, save_png
-from .loading.load import load_components, read_config
+from .loading.load import load_components, read_config, skeleton
 from .pipeline import Pipeline
 from .ops.registry import Kernels
+from .runtime.device import default_dtype
+from .runtime.memory_plan import MemoryPlanner
 from .runtime.optimize import optimize
+from .runtime.quant import int8_layer
+from .runtime.residency import Residency
+from .runtime.weight_storage import store_16bit
 from .runtime.tuning import choose
 from .samplers import resolve_sampler
 from .tokenizer import CLIPTokenizer
@@ -43,7 +48,8 @@ def _tokenizers(path: Path, config) -> dict[str, CLIPTokenizer]:
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
          compile: bool | None = None, quant: str | None = None, cuda_graphs: bool = False,
-         backends: dict[str, str] | None = None, tune: bool = True) -> Pipeline:
+         backends: dict[str, str] | None = None, tune: bool = True, memory: str | None = None,
+         memory_budget: int | str | None = None) -> Pipeline:
     """Load a diffusers folder or a single-file .safetensors checkpoint (SD 1.x, 2.x, SDXL, LDM3D).
 
     dtype: "fp32" | "fp16" | "bf16" (default: fp16 on CUDA; on CPU bf16 where it has native bf16 dot
@@ -56,6 +62,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     with no dtype given, pick the dtype and the attention kernel by measuring them on this model's shapes the
     first time (seconds; cached on disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
 
+    Memory (runtime/memory_plan.py): memory: "balanced" (default: today's speed; the VAE is tiled only when
+    an image would not fit the machine), "fast" (never tiles) or "low" (the least memory: components loaded
+    per stage, 16-bit weights, sequential CFG, tiled VAE); memory_budget: bytes or a size such as "3GB"
+    (powers of 1024) that a request may use above the process's RSS after import: the cheapest plan whose
+    predicted peak fits is chosen, and a request that cannot fit is refused with MemoryBudgetError before it
+    starts. `pipe.memory_plan` says what was chosen.
+
     Loading changes nothing outside the pipeline it returns: torch's thread count, the allocator and the
     compile cache's folder are the program's to set (`fastldm.runtime.device.configure_process`, which the
     CLI and the server call)."""
@@ -66,17 +79,58 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         choice = None if config is None else choose(config)
         dtype = None if choice is None else choice.torch_dtype
     kernels = Kernels(forced=dict(backends or {}), preferred={} if choice is None else choice.preferred())
-    config, modules = load_components(path, device=device, dtype=dtype, variant=variant,
-                                      allow_pickle=allow_pickle, prediction_type=prediction_type)
-    optimize(modules, torch.device(device), quant=quant)
+    device = torch.device(device)
+    planner = None
+    if memory is not None or memory_budget is not None:
+        config = read_config(path, prediction_type)
+        if config is None:
+            raise SettingError("a memory mode or budget needs a safetensors checkpoint (a pickle file cannot be "
+                               "read per component); convert it to .safetensors")
+        planner = MemoryPlanner(config, memory, memory_budget, compute=dtype or default_dtype(device, config),
+                                quant=quant, attention=kernels.forced.get("attention"), device=device)
+    staged, storage = (planner.staged, planner.storage_dtypes()) if planner is not None else ((), {})
+    optimize({}, device, quant=quant)   # checks the setting before anything is read
+    compute = dtype if planner is None else planner.compute
+    # With a memory plan, an int8 UNet is quantized layer by layer as it is read: never whole in float.
+    while_reading = planner is not None and quant == "int8"
+    options = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
+                   prediction_type=prediction_type, storage=storage,
+                   channels_last=frozenset({"unet", "vae"} if device.type == "cpu" else ()),  # optimize.layout
+                   layers={"unet": int8_layer(compute)} if while_reading else None)
+    config, modules = load_components(path, components=frozenset(_COMPONENTS) - set(staged), **options)
+    compute = compute or default_dtype(device, config)
+
+    def prepare(found: dict) -> dict:
+        """Loaded components as they run: layout and int8 (runtime/optimize.py), 16-bit widening."""
+        optimize(found, device, quant=None if while_reading else quant, dtype=compute)
+        for name in found:
+            if name == "unet" and while_reading:
+                found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32
+            elif name in storage:
+                store_16bit(found[name], storage[name], compute)
+        return found
+
+    def reload(name: str):
+        """A staged component read again and prepared as at load, for Residency."""
+        return prepare({name: load_components(path, components=frozenset({name}), **options)[1][name]})[name]
+
+    modules = prepare(modules)
+    for name in staged:   # shapes only; the weights come when the stage first runs
+        modules[name] = skeleton(name, config, compute)
+    residency = Residency({k: v for k, v in modules.items() if v is not None}, staged, reload,
+                          lambda name: skeleton(name, config, compute))
     pipe = Pipeline(config, modules, _tokenizers(path, config), name=path.stem if path.is_file() else path.name,
-                    source=path, kernels=kernels)
+                    source=path, kernels=kernels, memory=planner, residency=residency, device=device,
+                    dtype=compute)
     pipe.runtime_choice = choice
     if compile:
         pipe.unet_runtime.compile()
     if cuda_graphs:
         pipe.use_cuda_graphs()
     return pipe
+
+
+_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
 def model_hash(path: Path) -> str:

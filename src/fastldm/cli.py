@@ -109,6 +109,18 @@ THREADS_HELP = ("CPU threads for this process (default: torch's, capped at the C
                 "with the allocator and compile-cache settings (see `fastldm --help`)")
 
 
+MEMORY_HELP = ("balanced (default: today's speed; the VAE is tiled only for an image that would not fit), fast, or "
+               "low (the least memory: components loaded per stage, 16-bit weights, sequential CFG, tiled VAE)")
+BUDGET_HELP = ("the most memory a generation may use above the process's start, e.g. 3GB (powers of 1024): the "
+               "fastest plan predicted to fit is chosen, a request that cannot fit is refused before it starts "
+               "(`fastldm info --memory-budget` shows the plan)")
+
+
+def _tuned_allocator(memory: str | None, budget: str | None) -> bool:
+    """Tune glibc to keep freed memory (the speed setting) unless a memory plan wants freed pages returned."""
+    return memory in (None, "fast", "balanced") and budget is None
+
+
 MODEL_HELP = "diffusers folder or .safetensors file (default: the embedded tiny RGBD model)"
 DTYPE_HELP = ("default: fp16 on CUDA; on a CPU bf16 or fp32 as measured once per machine and model "
               "(`fastldm info --runtime` says which)")
@@ -159,6 +171,8 @@ def _request_options(defaults: bool):
               help="torch.compile the UNet (default: off); compiled graphs are cached in ~/.cache/fastldm/inductor")
 @click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
               "UNet (CPU)")
+@click.option("--memory", "memory", default=None, type=click.Choice(["fast", "balanced", "low"]), help=MEMORY_HELP)
+@click.option("--memory-budget", default=None, help=BUDGET_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
 @click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
@@ -167,8 +181,8 @@ def _request_options(defaults: bool):
               "textured mesh, ply coloured point cloud, obj mesh + .mtl + texture; repeat for several")
 @user_errors
 def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed, size, n, init_image, strength,
-             early_stop, cache_interval, out, device, dtype, compile_unet, quant, threads, cuda_graphs,
-             allow_pickle, exports) -> None:
+             early_stop, cache_interval, out, device, dtype, compile_unet, quant, memory, memory_budget, threads,
+             cuda_graphs, allow_pickle, exports) -> None:
     """Generate images from PROMPT and write them as PNGs (with A1111 parameters) to --out."""
     from . import api
     from .request import GenerationRequest
@@ -176,10 +190,11 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
     from .runtime.device import configure_process
 
     width, height = _size(size)
-    configure_process(threads)
+    configure_process(threads, allocator=_tuned_allocator(memory, memory_budget))
     init = api.open_image(init_image) if init_image is not None else None
     pipe = api.load(model or api.default_model(), device=device, dtype=dtype, allow_pickle=allow_pickle,
-                    compile=compile_unet, quant=quant, cuda_graphs=cuda_graphs)
+                    compile=compile_unet, quant=quant, cuda_graphs=cuda_graphs, memory=memory,
+                    memory_budget=memory_budget)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, sampler=sampler,
                             scheduler=scheduler, guidance=guidance, seed=seed, width=width, height=height,
                             n=n, init_image=init, strength=strength, early_stop=early_stop,
@@ -216,6 +231,8 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
 @click.option("--quant", default=None, type=click.Choice(["int8"]), help="int8 weights and activations in the "
               "UNet (CPU)")
+@click.option("--memory", "memory", default=None, type=click.Choice(["fast", "balanced", "low"]), help=MEMORY_HELP)
+@click.option("--memory-budget", default=None, help=BUDGET_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP + " (without --ray)")
 @click.option("--ray", "use_ray", is_flag=True, help='run on Ray: a Ray Data actor pool, one model per actor '
               '(pip install "fastldm[ray]")')
@@ -228,8 +245,8 @@ def generate(prompt, model, negative, steps, sampler, scheduler, guidance, seed,
               "reserves (use with --device cuda)")
 @user_errors
 def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, size, n, strength, early_stop,
-          cache_interval, seed, in_flight, device, dtype, quant, threads, use_ray, address, workers, cpus_per_worker,
-          gpus_per_worker) -> None:
+          cache_interval, seed, in_flight, device, dtype, quant, memory, memory_budget, threads, use_ray, address,
+          workers, cpus_per_worker, gpus_per_worker) -> None:
     """Generate every request of PROMPTS into --out, with a manifest.jsonl; running it again skips what is done.
 
     PROMPTS is a .txt file (a prompt a line) or a .jsonl file (a request object a line, any field of
@@ -246,7 +263,8 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
                  width=width, height=height, n=n, strength=strength, early_stop=early_stop,
                  cache_interval=cache_interval)
     model = model.resolve() if model is not None else api.default_model()
-    load_options = dict(device=device, dtype=dtype, quant=quant)
+    load_options = dict(device=device, dtype=dtype, quant=quant,
+                        **{k: v for k, v in (("memory", memory), ("memory_budget", memory_budget)) if v is not None})
     if use_ray:
         from .tools import ray_batch
 
@@ -255,7 +273,7 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
     else:
         from .runtime.device import configure_process
 
-        configure_process(threads)
+        configure_process(threads, allocator=_tuned_allocator(memory, memory_budget))
         engine = bulk.local(functools.partial(api.load, model, **load_options), in_flight)
     out = out or Path("outputs") / prompts.stem
     settings = {"model": str(model), "dtype": dtype, "quant": quant}
@@ -297,6 +315,8 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]), help=DTYPE_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP + " (with --ray, each "
               "model worker runs --cpus-per-replica threads)")
+@click.option("--memory", "memory", default=None, type=click.Choice(["fast", "balanced", "low"]), help=MEMORY_HELP)
+@click.option("--memory-budget", default=None, help=BUDGET_HELP)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--open", "open_page", is_flag=True, help="open the page in the web browser once the server is up")
@@ -314,8 +334,8 @@ def batch(prompts, out, model, negative, steps, sampler, scheduler, guidance, si
               "worker reserves (use with --device cuda)")
 @user_errors
 def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_batch, max_size, max_steps, max_n,
-          max_prompt_chars, max_body, model_memory, device, dtype, threads, log_level, open_page, use_ray, address,
-          replicas, autoscale, cpus_per_replica, gpus_per_replica) -> None:
+          max_prompt_chars, max_body, model_memory, device, dtype, threads, memory, memory_budget, log_level, open_page,
+          use_ray, address, replicas, autoscale, cpus_per_replica, gpus_per_replica) -> None:
     """Serve models over HTTP: A1111 (/sdapi/v1) and OpenAI (/v1/images) APIs, async jobs (/fastldm/v1), and a
     page at / ; concurrent requests are batched step by step. With --ray, on Ray Serve (same routes)."""
     from .serve.settings import Settings, parse_bytes, parse_size
@@ -331,7 +351,8 @@ def serve(model, models_dir, host, port, api_key, cors_origins, max_queue, max_b
                         max_height=height, max_steps=max_steps, max_n=max_n, max_prompt_chars=max_prompt_chars,
                         max_body_bytes=parse_bytes(max_body),
                         model_memory=None if model_memory is None else parse_bytes(model_memory),
-                        device=device, dtype=dtype, threads=threads)
+                        device=device, dtype=dtype, threads=threads, memory=memory,
+                        memory_budget=None if memory_budget is None else parse_bytes(memory_budget))
     if use_ray:
         from .serve.ray_server import parse_autoscale, serve_on_ray
 
@@ -473,14 +494,28 @@ def samplers() -> None:
 @click.option("--runtime", is_flag=True, help="also what runs it on this CPU: the dtype and attention kernel "
               "measured for this model (measured now if not cached), int8, threads")
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
+@click.option("--memory", "memory", default=None, type=click.Choice(["fast", "balanced", "low"]), help=MEMORY_HELP)
+@click.option("--memory-budget", default=None, help=BUDGET_HELP)
+@click.option("--quant", default=None, type=click.Choice(["int8"]), help="plan for int8 UNet weights")
 @user_errors
-def info(path, allow_pickle, runtime, threads) -> None:
-    """Print a checkpoint's family, components, parameter counts, dtype and prediction type."""
+def info(path, allow_pickle, runtime, threads, memory, memory_budget, quant) -> None:
+    """Print a checkpoint's family, components, parameter counts, dtype and prediction type, and the memory plan
+    `fastldm.load` would make for it (with --memory / --memory-budget: for those)."""
     from .inspect import describe
+    from .loading.load import read_config
 
     click.echo(describe(path, allow_pickle=allow_pickle))
+    config = read_config(path)
+    if config is not None:
+        import torch
+
+        from .runtime.device import default_dtype
+        from .runtime.memory_plan import MemoryPlanner
+
+        cpu = torch.device("cpu")
+        click.echo(MemoryPlanner(config, memory, memory_budget, compute=default_dtype(cpu, config),
+                                 quant=quant).plan.describe())
     if runtime:
-        from .loading.load import read_config
         from .runtime import tuning
         from .runtime.device import configure_process
 
@@ -560,22 +595,33 @@ def _report(result: dict, markdown, json_path: Path | None, md_path: Path | None
 @click.option("--dtype", default=None, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="default: each engine's (fastldm: its measured CPU default, see `fastldm info --runtime`; diffusers: fp32)")
 @click.option("--steps", default=2, show_default=True, type=click.IntRange(1, 1000), help="guided denoising steps")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(["fastldm", "fastldm-tiled", "diffusers",
-              "diffusers-lowmem"]), help="repeatable (default: all)")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(["load", "text", "denoise", "decode"]),
-              help="repeatable (default: all)")
+@click.option("--engine", "engines", multiple=True, help="fastldm, fastldm-tiled, diffusers, diffusers-lowmem, or "
+              "fastldm:KEY=VALUE,... with memory, budget, quant (e.g. fastldm:budget=2.1GB,quant=int8); repeatable "
+              "(default: the first four)")
+@click.option("--memory-budget", "budgets", multiple=True, help="add a fastldm engine loaded with this memory "
+              "budget (e.g. 2.1GB); repeatable")
+@click.option("--memory", "modes", multiple=True, type=click.Choice(["fast", "balanced", "low"]),
+              help="add a fastldm engine loaded with this memory mode; repeatable")
+@click.option("--quant", default=None, type=click.Choice(["int8"]), help="with --memory-budget/--memory: also add "
+              "each of those engines with int8 weights")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["load", "text", "denoise", "decode", "generate"]),
+              help="repeatable (default: all; engines with memory settings run only generate: load + one whole "
+              "generation in one process)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the result as JSON")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path), help="write the table")
-def bench_memory(model, size, dtype, steps, engines, stages, json_path, md_path) -> None:
+def bench_memory(model, size, dtype, steps, engines, budgets, modes, quant, stages, json_path, md_path) -> None:
     """Peak RSS (RssAnon / RssFile), Weight MB, Tensor MB and its live-set lower bound per stage (load, text
-    encode, denoise, decode), each in a fresh process, for fastldm and diffusers with and without its memory
-    options, on the same folder."""
+    encode, denoise, decode, and the whole generation), each in a fresh process, for fastldm (with and without
+    memory plans) and diffusers with and without its memory options, on the same folder. Peak RSS does not
+    depend on the step count, so a few steps stand for 20."""
     from .bench.memory import ENGINES, STAGES, bench_memory as run, markdown
 
     width, height = _size(size)
+    planned = [f"fastldm:budget={b}" for b in budgets] + [f"fastldm:memory={m}" for m in modes]
+    planned += [f"{e},quant={quant}" for e in planned] if quant else []
+    engines = tuple(dict.fromkeys([*(engines or ENGINES), *planned]))  # side by side in one run
     try:
-        result = run(str(model), width, height, dtype, steps, tuple(engines) or tuple(ENGINES),
-                     tuple(stages) or STAGES)
+        result = run(str(model), width, height, dtype, steps, engines, tuple(stages) or STAGES)
     except (ValueError, OSError) as e:
         _fail(e)
     _report(result, markdown, json_path, md_path)

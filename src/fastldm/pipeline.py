@@ -6,6 +6,11 @@ A generation is request -> plan -> run: `plan` checks a GenerationRequest agains
 pipeline's kernel selection (`kernels`, an ops.registry.Kernels), and the UNet through the executor its plan
 names (`unet_runtime`), so pipelines with different settings can run side by side.
 
+Memory: the pipeline owns its `memory` planner (runtime/memory_plan.py; `memory_plan` is the load-time plan)
+and its `residency` (runtime/residency.py): every stage acquires the components it runs (`acquire`), which
+loads staged ones from the checkpoint and releases the other staged ones; a request's plan carries the
+per-request part (UNet rows per call, VAE tiling) to `decode` / `encode_pixels` and the run loop.
+
 Noise is drawn on the CPU, one generator per image seeded `seed + i`, exactly as diffusers does with a list
 of CPU generators, so the same seed, sampler and model give diffusers' image.
 """
@@ -25,6 +30,8 @@ from .plan import Limits, Plan, resolve
 from .request import GenerationRequest
 from .run import GenerationResult, run
 from .runtime.executors import UNetRuntime
+from .runtime.memory_plan import MemoryPlan, MemoryPlanner
+from .runtime.residency import Residency
 from .runtime.step_predictor import StepPredictors
 from .samplers import SamplerSpec, randn
 from .schedules import NoiseSchedule
@@ -37,8 +44,13 @@ class Pipeline:
     """A loaded text-to-image model. `text_encoder`, `unet`, `vae` (and `text_encoder_2`) are plain modules."""
 
     def __init__(self, config: ModelConfig, modules: dict, tokenizers: dict[str, CLIPTokenizer], name: str = "",
-                 source: Path | None = None, kernels: Kernels | None = None):
+                 source: Path | None = None, kernels: Kernels | None = None, *, memory: MemoryPlanner | None = None,
+                 residency: Residency | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
         self.config, self.name, self.source = config, name, source
+        # Read from the UNet unless given (a staged UNet may start without tensors, on the meta device).
+        self._device = torch.device(device) if device is not None else modules["unet"].conv_in.weight.device
+        self._dtype = dtype or modules["unet"].conv_in.weight.dtype
         self.text_encoder = modules["text_encoder"]
         self.text_encoder_2 = modules.get("text_encoder_2")
         self.unet, self.vae = modules["unet"], modules["vae"]
@@ -50,6 +62,26 @@ class Pipeline:
         self.unet_runtime = UNetRuntime(self.unet)
         self.runtime_choice = None               # runtime.tuning.RuntimeChoice when load measured the CPU
         self.step_predictors = StepPredictors(source)
+        self._memory = memory
+        self.residency = residency or Residency({k: v for k, v in modules.items() if v is not None})
+
+    @property
+    def memory(self) -> MemoryPlanner:
+        """This pipeline's memory planner (made on first use for a pipeline built in code: balanced, no budget)."""
+        if self._memory is None:
+            self._memory = MemoryPlanner(self.config, compute=self.dtype, device=self.device,
+                                         attention=self.kernels.forced.get("attention"))
+        return self._memory
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """The plan made at load, for the model's default request (`fastldm info` prints it)."""
+        return self.memory.plan
+
+    def acquire(self, *components: str) -> None:
+        """Make `components` resident for the stage about to run (staged ones are loaded, other staged ones
+        released; runtime/residency.py)."""
+        self.residency.acquire(*components)
 
     def kernels_active(self):
         """A context in which ops dispatch with this pipeline's kernel selection (ops.registry.using)."""
@@ -63,11 +95,12 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
+        """The dtype the models compute in (weights stored in 16 bits are widened to it)."""
+        return self._dtype
 
     # ---- text ---------------------------------------------------------------------------------------------
 
@@ -93,6 +126,7 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str], n_chunks: int | None = None) -> dict[str, torch.Tensor]:
         """Prompts -> the UNet's conditioning: {"encoder_hidden_states": (B, 77k, Cctx)} and for SDXL also
         "text_embeds" (B, 1280) (pooled, projected text of the second encoder)."""
+        self.acquire("text_encoder", *(["text_encoder_2"] if self.text_encoder_2 is not None else []))
         with self.kernels_active():
             return self._encode_prompt(prompts, n_chunks or self._chunks(prompts))
 
@@ -114,28 +148,44 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, width: int, height: int,
-                     generators: list[torch.Generator]) -> torch.Tensor:
+                     generators: list[torch.Generator], memory: MemoryPlan | None = None) -> torch.Tensor:
         """PIL image -> UNet latents (B, C, h, w), sampled from the VAE posterior with each image's generator."""
         cin = self.config.vae.in_channels
         img = image.convert("RGB").resize((width, height), Image.LANCZOS)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1,3,H,W)
         if cin > 3:  # RGBD VAEs: no depth given -> a flat mid-depth channel(s)
             x = torch.cat([x, torch.zeros(1, cin - 3, height, width)], dim=1)
-        return self.encode_pixels(x, generators)
+        return self.encode_pixels(x, generators, memory)
 
     @torch.no_grad()
-    def encode_pixels(self, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """Pixels (1, Cimg, H, W) in [-1, 1] -> UNet latents (B, C, h, w), one posterior sample per generator."""
+    def encode_pixels(self, x: torch.Tensor, generators: list[torch.Generator],
+                      memory: MemoryPlan | None = None) -> torch.Tensor:
+        """Pixels (1, Cimg, H, W) in [-1, 1] -> UNet latents (B, C, h, w), one posterior sample per generator;
+        tiled (runtime/tiled_vae.py, the same result) when the request's memory plan says so."""
+        self.acquire("vae")
         with self.kernels_active():
-            mean, logvar = self.vae.encode(x.to(self.device))
+            if memory is not None and memory.vae_tile is not None and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
+                from .runtime.tiled_vae import tiled_encode
+
+                mean, logvar = tiled_encode(self.vae, x.to(self.device), memory.vae_tile, memory.vae_tile_budget)
+            else:
+                mean, logvar = self.vae.encode(x.to(self.device))
         lat = [mean + (0.5 * logvar).exp() * randn(mean.shape, g, mean.device, mean.dtype) for g in generators]
         return self.vae.to_unet_latents(torch.cat(lat))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """UNet latents (B, C, h, w) -> images (B, H, W, Cimg) float32 in [0, 1]."""
+    def decode(self, latents: torch.Tensor, memory: MemoryPlan | None = None) -> np.ndarray:
+        """UNet latents (B, C, h, w) -> images (B, H, W, Cimg) float32 in [0, 1]; tiled (runtime/tiled_vae.py,
+        the same image) when the request's memory plan says so."""
+        self.acquire("vae")
         with self.kernels_active():
-            x = self.vae.decode(self.vae.from_unet_latents(latents))
+            if memory is not None and memory.vae_tile is not None:
+                from .runtime.tiled_vae import tiled_decode
+
+                x = tiled_decode(self.vae, self.vae.from_unet_latents(latents), memory.vae_tile,
+                                 memory.vae_tile_budget)
+            else:
+                x = self.vae.decode(self.vae.from_unet_latents(latents))
         return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def to_outputs(self, raw: np.ndarray) -> tuple[list[Image.Image], list[np.ndarray] | None]:
@@ -170,8 +220,8 @@ class Pipeline:
         return cond, uncond
 
     @torch.no_grad()
-    def image_condition(self, width: int, height: int, generators: list[torch.Generator]
-                        ) -> dict[str, torch.Tensor]:
+    def image_condition(self, width: int, height: int, generators: list[torch.Generator],
+                        memory: MemoryPlan | None = None) -> dict[str, torch.Tensor]:
         """What an inpainting UNet takes besides the latents, when the whole image is to be made (txt2img,
         img2img): the mask (all 1: repaint) and the latents of the masked image (all masked: 0 in [-1, 1]),
         sampled with each image's generator after its noise, concatenated to the UNet's input
@@ -180,7 +230,7 @@ class Pipeline:
         if not any(v.image_channels for v in self.variants):
             return {}
         blank = torch.zeros(1, self.config.vae.in_channels, height, width)
-        latents = self.encode_pixels(blank, generators)                          # (n, C, h, w)
+        latents = self.encode_pixels(blank, generators, memory)                  # (n, C, h, w)
         return {"c_concat": torch.cat([torch.ones_like(latents[:, :1]), latents], dim=1)}  # (n, 1 + C, h, w)
 
     def plan(self, request: GenerationRequest, limits: Limits = Limits()) -> Plan:

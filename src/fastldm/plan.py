@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .errors import RequestError
 from .request import GenerationRequest
+from .runtime.memory_plan import MemoryPlan
 from .samplers import SamplerSpec, resolve_sampler, sampling_grid
 from .schedules import SamplingGrid
 
@@ -48,6 +49,7 @@ class Plan:
     guidance: float
     strength: float | None                  # img2img denoising strength; None for txt2img
     executor: str                           # runtime.executors.KINDS
+    memory: MemoryPlan | None = None        # the pipeline's memory plan for this size (UNet rows, VAE tiling)
 
     @property
     def n(self) -> int:
@@ -106,7 +108,11 @@ def resolve(pipe, request: GenerationRequest, limits: Limits = Limits()) -> Plan
     grid = sampling_grid(spec, pipe.schedule, steps, r.strength if img2img else None)
 
     guidance = config.default_guidance if r.guidance is None else r.guidance
+    guided = guidance != 1.0 and not config.unet.time_cond_proj_dim
+    # Refused here, before any work, when even its smallest plan would not fit the pipeline's budget.
+    memory = pipe.memory.for_request(width, height, r.n, guided)
     return Plan(request=dataclasses.replace(r, guidance=guidance), width=width, height=height,
                 latent_shape=(config.unet.out_channels, height // config.vae_scale, width // config.vae_scale),
                 sampler=spec, steps=steps, grid=grid, seeds=tuple(seed + i for i in range(r.n)), guidance=guidance,
-                strength=r.strength if img2img else None, executor=pipe.unet_runtime.kind(r.cache_interval))
+                strength=r.strength if img2img else None, executor=pipe.unet_runtime.kind(r.cache_interval),
+                memory=memory)

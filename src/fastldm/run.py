@@ -81,10 +81,10 @@ class BatchedRun:
             gens = [torch.Generator("cpu").manual_seed(s) for s in plan.seeds]
             cond, uncond = pipe.conditioning([plan.request.prompt] * plan.n, plan.request.negative_prompt, plan.guidance,
                                              plan.width, plan.height)
-            init = None if plan.request.init_image is None else pipe.encode_image(plan.request.init_image, plan.width, plan.height,
-                                                                          gens)
+            init = None if plan.request.init_image is None else pipe.encode_image(
+                plan.request.init_image, plan.width, plan.height, gens, plan.memory)
             noise = torch.cat([randn((1, *plan.latent_shape), g, pipe.device, torch.float32) for g in gens])
-            extra = pipe.image_condition(plan.width, plan.height, gens)
+            extra = pipe.image_condition(plan.width, plan.height, gens, plan.memory)
             cond |= extra
             if uncond is not None:
                 uncond |= extra
@@ -114,6 +114,8 @@ class BatchedRun:
         """One denoiser evaluation for every job in flight (one UNet call per group of compatible jobs);
         returns the jobs that ended in this step, finished (result) or failed (error)."""
         groups: dict[tuple, list[tuple[Job, dict]]] = {}
+        if self.jobs:
+            self.pipe.acquire("unet")  # a staged UNet is loaded (and staged text encoders or VAE released)
         with self.pipe.kernels_active():
             for job in self.jobs:
                 inputs = job.denoiser.inputs(*job.pending)
@@ -129,6 +131,8 @@ class BatchedRun:
                     except Exception as e:
                         job.error = _user_error(e)
         self.jobs = [job for job in self.jobs if not job.done]
+        if not self.jobs:
+            self.pipe.residency.release_all()  # a memory plan's staged components are held only while used
         return ended
 
     def cancel(self, job: Job, error: BaseException | None = None) -> None:
@@ -142,7 +146,7 @@ class BatchedRun:
         first = members[0][1]
         batch = first if len(members) == 1 else {k: torch.cat([inp[k] for _, inp in members]) for k in first}
         try:
-            out = call_unet(members[0][0].executor, batch)
+            out = self._call(members, batch)
         except Exception as e:  # the whole group fails; jobs in other groups go on
             for job, _ in members:
                 self._fail(job, e)
@@ -151,6 +155,21 @@ class BatchedRun:
         for (job, _), part in zip(members, rows):
             x, sigma = job.pending
             self._advance(job, lambda: job.steps.send(job.denoiser.output(part, x, sigma)))
+
+    @staticmethod
+    def _call(members: list[tuple[Job, dict]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One UNet call for the group, or several of at most the rows its memory plans allow (sequential CFG
+        when that is one image's half: the rows are independent, so only GEMM rounding can differ). A DeepCache
+        executor keeps per-call features, so its batch is never cut."""
+        executor = members[0][0].executor
+        limits = [job.plan.memory.unet_batch for job, _ in members
+                  if job.plan.memory is not None and job.plan.memory.unet_batch is not None]
+        rows = batch["sample"].shape[0]
+        if not limits or min(limits) >= rows or members[0][0].plan.executor == "deep_cache":
+            return call_unet(executor, batch)
+        step = min(limits)
+        parts = [call_unet(executor, {k: v[i:i + step] for k, v in batch.items()}) for i in range(0, rows, step)]
+        return torch.cat(parts)  # (rows, C, h, w)
 
     def _advance(self, job: Job, resume: Callable[[], tuple]) -> None:
         """Resume the job's sampler; it either asks for the next denoiser call or returns its final x."""
@@ -168,7 +187,7 @@ class BatchedRun:
     def _decode(self, job: Job) -> GenerationResult:
         plan, pipe = job.plan, self.pipe
         latents = to_vp(job.final, plan.grid, job.stopped)
-        raw = pipe.decode(latents.to(pipe.dtype))
+        raw = pipe.decode(latents.to(pipe.dtype), plan.memory)
         images, depths = pipe.to_outputs(raw)
         return GenerationResult(images, depths, list(plan.seeds), job.steps_run, plan.request, latents, raw, plan)
 

@@ -48,3 +48,28 @@ def test_cli_runs_a_stage_in_a_fresh_process(folder, tmp_path):
     assert row["engine"] == "fastldm" and row["stage"] == "load" and row["na"] is None
     assert row["peak_rss_mb"] > 0 and row["weight_mb"] > 0 and row["tensor_mb"] is None  # no trace of a load
     assert "| load | fastldm (defaults) |" in res.output and "RssFile" in res.output
+
+
+def test_engine_settings():
+    assert M.engine_settings("fastldm") == {} and M.engine_settings("diffusers-lowmem") == {}
+    assert M.engine_settings("fastldm:budget=2.1GB,quant=int8") == {"budget": "2.1GB", "quant": "int8"}
+    assert M.label("fastldm:memory=low") == "fastldm --memory low"
+    for bad in ("diffusers:budget=1G", "fastldm:size=3", "nope"):
+        with pytest.raises(ValueError):
+            M.engine_settings(bad)
+
+
+def test_generate_stage_with_a_budget_reports_its_prediction(folder):
+    r = M.child("fastldm:budget=2GB", "generate", str(folder), 64, 64, None, 1)
+    assert r["na"] is None and r["peak_rss_mb"] > 0 and r["predicted_mb"] > 0 and r["seconds"] > 0
+
+
+def test_cli_budget_adds_a_generate_row(folder, tmp_path):
+    out = tmp_path / "g.json"
+    res = CliRunner().invoke(main, ["bench", "memory", "-m", str(folder), "--size", "64x64", "--engine", "fastldm",
+                                    "--memory-budget", "2GB", "--stage", "generate", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["fastldm", "fastldm:budget=2GB"]
+    assert all(r["stage"] == "generate" and r["na"] is None for r in rows)
+    assert "| generate | fastldm --memory-budget 2GB |" in res.output and "predicted" in res.output

@@ -1,7 +1,8 @@
 """`fastldm bench memory`: where a text-to-image run's bytes go, stage by stage, beside diffusers.
 
 Each (engine, stage) runs in a fresh process (`python -m fastldm.bench.memory ...`), so no stage inherits
-another's heap. The process imports its engine, reads its resident set (the post-import baseline), loads the
+another's heap. The process imports its engine's pipeline code, reads its resident set (the post-import
+baseline), loads the
 model from the same diffusers folder, does what the stage needs first (denoise: encode the prompt), resets
 its peak resident set (`/proc/self/clear_refs` ← 5), and runs the stage under `MemoryTrace`:
 
@@ -9,6 +10,11 @@ its peak resident set (`/proc/self/clear_refs` ← 5), and runs the stage under 
     text      encode the prompt and the empty negative prompt (guided)
     denoise   `steps` guided steps (UNet batch 2) with the engine's own loop
     decode    VAE-decode random latents of the image's size
+    generate  the whole run in one process: load, then one generation (encode, `steps` guided steps,
+              decode) through the engine's own pipeline; its peak is since the process started. This is the
+              row a memory budget is judged by: a plan's stages share one process, and peak RSS does not
+              depend on the step count (every step allocates and frees the same tensors), so a few steps
+              stand for 20.
 
 Per stage: peak RSS (`VmHWM` − baseline), what the stage added to the RSS it started from, `RssAnon` and
 `RssFile` at the sampled peak (a thread reads /proc/self/status every 2 ms; file-backed pages are the
@@ -16,9 +22,10 @@ memory-mapped weights), Weight MB (unique parameter and buffer storages of the p
 (the trace's peak of storages born in the stage) and its live-set lower bound (fastldm.runtime.memory_trace).
 
 Engines: fastldm (its defaults), fastldm with the tiled VAE decode (runtime/tiled_vae.py; decode only),
-diffusers' StableDiffusionPipeline as loaded, and diffusers with its memory options
-(`pipe.enable_attention_slicing()`, `pipe.vae.enable_slicing()`, `pipe.vae.enable_tiling()`). MB are 2^20
-bytes.
+fastldm with memory settings (`fastldm:budget=2.1GB`, `fastldm:memory=low`, `...,quant=int8`: the options of
+`fastldm.load`; its row also shows the planner's predicted peak), diffusers' StableDiffusionPipeline as
+loaded, and diffusers with its memory options (`pipe.enable_attention_slicing()`, `pipe.vae.enable_slicing()`,
+`pipe.vae.enable_tiling()`). MB are 2^20 bytes.
 """
 from __future__ import annotations
 
@@ -31,7 +38,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-STAGES = ("load", "text", "denoise", "decode")
+STAGES = ("load", "text", "denoise", "decode", "generate")
+SETTINGS = ("memory", "budget", "quant")   # of a "fastldm:KEY=VALUE,..." engine
 ENGINES = {
     "fastldm": "fastldm (defaults)",
     "fastldm-tiled": "fastldm, tiled VAE (tile 32)",
@@ -56,6 +64,30 @@ class StageResult:
     bound_mb: float | None = None        # its live-set lower bound
     seconds: float | None = None
     na: str | None = None
+    predicted_mb: float | None = None    # the memory plan's predicted peak (fastldm with memory settings)
+
+
+def engine_settings(engine: str) -> dict[str, str]:
+    """"fastldm:budget=2.1GB,quant=int8" -> {"budget": "2.1GB", "quant": "int8"}; {} for a plain engine."""
+    name, _, spec = engine.partition(":")
+    if name not in ENGINES or (spec and name != "fastldm"):
+        raise ValueError(f"unknown engine {engine!r}; use some of {', '.join(ENGINES)} or fastldm:KEY=VALUE,... "
+                         f"with keys {', '.join(SETTINGS)}")
+    out = {}
+    for part in filter(None, spec.split(",")):
+        key, eq, value = part.partition("=")
+        if key not in SETTINGS or not eq:
+            raise ValueError(f"bad engine setting {part!r} in {engine!r}; use {', '.join(SETTINGS)}")
+        out[key] = value
+    return out
+
+
+def label(engine: str) -> str:
+    settings = engine_settings(engine)
+    if not settings:
+        return ENGINES[engine]
+    names = {"memory": "--memory", "budget": "--memory-budget", "quant": "--quant"}
+    return "fastldm " + " ".join(f"{names[k]} {v}" for k, v in settings.items())
 
 
 def status() -> dict[str, int]:
@@ -96,6 +128,8 @@ def _weight_bytes(modules) -> int:
     seen = {}
     for m in modules:
         for t in [*m.parameters(), *m.buffers()]:
+            if t.device.type == "meta":  # a staged component between its stages
+                continue
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
@@ -105,13 +139,15 @@ def _engine(engine: str, folder: str, dtype, width: int, height: int, steps: int
     import torch
 
     h, w = height, width
+    settings = engine_settings(engine)
     if engine.startswith("fastldm"):
         import fastldm
         from fastldm.denoiser import Denoiser
         from fastldm.runtime.tiled_vae import tiled_decode
         from fastldm.samplers import resolve_sampler, sample
 
-        pipe = fastldm.load(folder, dtype=dtype)
+        pipe = fastldm.load(folder, dtype=dtype, memory=settings.get("memory"), memory_budget=settings.get("budget"),
+                            quant=settings.get("quant"))
 
         def denoise(cond):
             noise = torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
@@ -124,7 +160,10 @@ def _engine(engine: str, folder: str, dtype, width: int, height: int, steps: int
         def decode(z):
             if engine == "fastldm-tiled":
                 return tiled_decode(pipe.vae, pipe.vae.from_unet_latents(z), tile=32)
-            return pipe.decode(z)
+            return pipe.decode(z, pipe.plan(fastldm.GenerationRequest(PROMPT, width=w, height=h)).memory)
+
+        def generate():
+            return pipe.generate(PROMPT, steps=steps, guidance=GUIDANCE, width=w, height=h, seed=0)
         modules = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.unet, pipe.vae) if m is not None]
     else:
         from diffusers import StableDiffusionPipeline
@@ -145,12 +184,17 @@ def _engine(engine: str, folder: str, dtype, width: int, height: int, steps: int
 
         def decode(z):
             return pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample
+
+        def generate():
+            return pipe(PROMPT, height=h, width=w, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                        generator=torch.Generator().manual_seed(0)).images
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
 
     def latents():
         return torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0))
-    stages = {"text": (lambda: None, lambda _: encode()), "denoise": (encode, denoise), "decode": (latents, decode)}
-    return stages, modules
+    stages = {"text": (lambda: None, lambda _: encode()), "denoise": (encode, denoise), "decode": (latents, decode),
+              "generate": (lambda: None, lambda _: generate())}
+    return stages, modules, pipe
 
 
 def child(engine: str, stage: str, folder: str, width: int, height: int, dtype: str | None, steps: int) -> dict:
@@ -160,14 +204,34 @@ def child(engine: str, stage: str, folder: str, width: int, height: int, dtype: 
     from ..api import parse_dtype
     from ..runtime.memory_trace import MemoryTrace
 
+    # The baseline is taken after importing each engine's pipeline code (for both, that imports torch._dynamo:
+    # ~150 MB of RSS), so a row counts what the run itself adds.
     if engine.startswith("diffusers"):
-        import diffusers  # noqa: F401  (its import is part of the baseline, as fastldm's is)
+        from diffusers import StableDiffusionPipeline  # noqa: F401
+    else:
+        import fastldm.api  # noqa: F401
+        import fastldm.ops  # noqa: F401
     base = status()
     t0 = time.perf_counter()
     with torch.inference_mode():
         with _Sampler() as sampler:
-            stages, modules = _engine(engine, folder, parse_dtype(dtype), width, height, steps)
+            stages, modules, pipe = _engine(engine, folder, parse_dtype(dtype), width, height, steps)
         r = StageResult(engine, stage, weight_mb=_weight_bytes(modules) / MB)
+        if engine_settings(engine):
+            from ..request import GenerationRequest
+
+            plan = pipe.plan(GenerationRequest(PROMPT, width=width, height=height, guidance=GUIDANCE)).memory
+            r.predicted_mb = dict(plan.peaks).get(stage, plan.peak) / MB
+        if stage == "generate":  # the whole run: its peak is since the process started, load included
+            t0 = time.perf_counter()
+            with _Sampler() as sampler:
+                out = stages[stage][1](None)
+            r.seconds = time.perf_counter() - t0
+            r.peak_rss_mb = r.added_mb = (status()["VmHWM"] - base["VmRSS"]) / MB
+            r.anon_mb = (sampler.peak["RssAnon"] - base["RssAnon"]) / MB
+            r.file_mb = (sampler.peak["RssFile"] - base["RssFile"]) / MB
+            r.weight_mb = _weight_bytes(modules) / MB   # what stays resident after the run
+            return asdict(r)
         if stage == "load":
             r.seconds = time.perf_counter() - t0
             r.peak_rss_mb = r.added_mb = (status()["VmHWM"] - base["VmRSS"]) / MB
@@ -197,13 +261,14 @@ def bench_memory(folder: str, width: int = 512, height: int = 512, dtype: str | 
                  engines: tuple[str, ...] = tuple(ENGINES), stages: tuple[str, ...] = STAGES) -> dict:
     """Every (stage, engine) in its own process, engines alternating within a stage; {"meta", "rows"}."""
     for e in engines:
-        if e not in ENGINES:
-            raise ValueError(f"unknown engine {e!r}; use some of {', '.join(ENGINES)}")
+        engine_settings(e)
     rows = []
     for stage in stages:
         for engine in engines:
             if engine == "fastldm-tiled" and stage != "decode":
                 continue  # the same as fastldm before the decode
+            if engine_settings(engine) and stage in ("load", "text", "denoise", "decode"):
+                continue  # a plan's stages share one process: judged by the generate row
             cmd = [sys.executable, "-m", "fastldm.bench.memory", engine, stage, str(folder), str(width), str(height),
                    dtype or "", str(steps)]
             p = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -235,18 +300,18 @@ def markdown(result: dict) -> str:
     head = (f"{m['model']} at {m['size']}, {m['dtype']}, {m['steps']} guided steps (CFG {m['guidance']}), torch "
             f"{m['torch']}; each stage in a fresh process; MB = 2^20 bytes, RSS above the post-import baseline")
     cols = ["stage", "engine", "peak RSS", "+ stage", "RssAnon", "RssFile", "Weight MB", "Tensor MB",
-            "lower bound", "s"]
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * 8]
+            "lower bound", "predicted", "s"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * 9]
 
     def cell(v):
         return "" if v is None else f"{v:.0f}" if abs(v) >= 10 else f"{v:.1f}"
     for r in result["rows"]:
         if r["na"]:
-            lines.append(f"| {r['stage']} | {ENGINES[r['engine']]} | n/a ({r['na']}) |" + " |" * 7)
+            lines.append(f"| {r['stage']} | {label(r['engine'])} | n/a ({r['na']}) |" + " |" * 8)
             continue
-        vals = [r[k] for k in ("peak_rss_mb", "added_mb", "anon_mb", "file_mb", "weight_mb", "tensor_mb",
-                               "bound_mb", "seconds")]
-        lines.append(f"| {r['stage']} | {ENGINES[r['engine']]} | " + " | ".join(cell(v) for v in vals) + " |")
+        vals = [r.get(k) for k in ("peak_rss_mb", "added_mb", "anon_mb", "file_mb", "weight_mb", "tensor_mb",
+                                   "bound_mb", "predicted_mb", "seconds")]
+        lines.append(f"| {r['stage']} | {label(r['engine'])} | " + " | ".join(cell(v) for v in vals) + " |")
     return "\n".join(lines)
 
 

@@ -36,8 +36,12 @@ def _name_some(keys, n: int = 3) -> str:
 
 
 def build(component: str, config, fetch: dict[str, Fetch], dtype: torch.dtype, device: torch.device,
-          where: str) -> nn.Module:
-    """Build `component` on the meta device and assign every tensor from `fetch` (strict)."""
+          where: str, channels_last: bool = False,
+          layer: Callable[[str, nn.Module], nn.Module] | None = None) -> nn.Module:
+    """Build `component` on the meta device and assign every tensor from `fetch` (strict); 4-D tensors in
+    channels_last when asked (converted as they are read: no second pass over the whole model). layer(name,
+    module): called on each module as soon as its own tensors are in, and put in its place (int8 quantization
+    while reading: the float weights are held one layer at a time)."""
     with torch.device("meta"):
         model = _MODELS[component](config)
     expected = model.state_dict()
@@ -48,15 +52,39 @@ def build(component: str, config, fetch: dict[str, Fetch], dtype: torch.dtype, d
         raise CheckpointError(f"{where}: {component} weights do not match its config: "
                               f"{'; '.join(p for p in parts if p)}; the checkpoint is of another architecture "
                               f"or incomplete")
-    state = {}
-    for key, ref in expected.items():
-        t = fetch[key]()
+    def read(key: str) -> torch.Tensor:
+        t, ref = fetch[key](), expected[key]
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(f"{where}: {component} tensor {key} has shape {list(t.shape)}, the config "
                                   f"expects {list(ref.shape)}; the config and the weights disagree")
-        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+        fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, memory_format=fmt)
+
+    if layer is None:
+        model.load_state_dict({key: read(key) for key in expected}, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    for name in [n for n, _ in model.named_modules()]:
+        module = model.get_submodule(name)
+        prefix = f"{name}." if name else ""
+        for table in (module._parameters, module._buffers):
+            for k, v in table.items():
+                if v is not None and f"{prefix}{k}" in expected:
+                    t = read(f"{prefix}{k}")
+                    table[k] = nn.Parameter(t, requires_grad=False) if isinstance(v, nn.Parameter) else t
+        new = layer(name, module)
+        if new is not module:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def skeleton(component: str, config: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """`component` of `config` on the meta device (shapes, no bytes) in `dtype`: what a staged component is
+    between its stages (runtime/residency.py fills it from the checkpoint when its stage runs)."""
+    with torch.device("meta"):
+        model = _MODELS[component](getattr(config, component))
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def _reader_fetch(reader: TensorReader, infos: dict[str, TensorInfo], rename: dict[str, str]) -> dict[str, Fetch]:
@@ -158,7 +186,9 @@ def _folder_weights(folder: Path, component: str, variant: str | None, allow_pic
 
 
 def load_folder(folder: Path, dtype: torch.dtype | None, device: torch.device, variant: str | None = None,
-                allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, nn.Module]]:
+                allow_pickle: bool = False, components: frozenset[str] | None = None,
+                storage: dict[str, torch.dtype] | None = None, channels_last: frozenset[str] = frozenset(),
+                layers: dict[str, Callable] | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
     index = _read_json(folder / "model_index.json")
     config = _folder_config(folder, index)
     reader, modules = TensorReader(), {}
@@ -166,11 +196,11 @@ def load_folder(folder: Path, dtype: torch.dtype | None, device: torch.device, v
         for comp in ("text_encoder", "text_encoder_2", "unet", "vae"):
             sub = {"text_encoder": config.text_encoder, "text_encoder_2": config.text_encoder_2,
                    "unet": config.unet, "vae": config.vae}[comp]
-            if sub is None:
+            if sub is None or (components is not None and comp not in components):
                 continue
             fetch = _folder_weights(folder, comp, variant, allow_pickle, reader)
-            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype, device), device,
-                                  str(folder))
+            modules[comp] = build(comp, sub, fetch, _storage_dtype(comp, config, dtype, device, storage), device,
+                                  str(folder), comp in channels_last, (layers or {}).get(comp))
     finally:
         reader.close()
     return config, modules
@@ -179,7 +209,9 @@ def load_folder(folder: Path, dtype: torch.dtype | None, device: torch.device, v
 # ---- single files -------------------------------------------------------------------------------------------
 
 def load_single_file(path: Path, dtype: torch.dtype | None, device: torch.device, allow_pickle: bool = False,
-                     prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
+                     prediction_type: str | None = None, components: frozenset[str] | None = None,
+                     storage: dict[str, torch.dtype] | None = None, channels_last: frozenset[str] = frozenset(),
+                     layers: dict[str, Callable] | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
     reader = TensorReader()
     if path.suffix in PICKLE_SUFFIXES:
         sd, meta = load_pickle(path, allow_pickle)
@@ -194,9 +226,12 @@ def load_single_file(path: Path, dtype: torch.dtype | None, device: torch.device
     modules = {}
     try:
         for comp, table in maps.items():
+            if components is not None and comp not in components:
+                continue
             sub = getattr(config, comp)
             fetch = {ours: (lambda r=r: apply_op(r.op, get(r.src))) for ours, r in table.items()}
-            modules[comp] = build(comp, sub, fetch, _component_dtype(comp, config, dtype, device), device, str(path))
+            modules[comp] = build(comp, sub, fetch, _storage_dtype(comp, config, dtype, device, storage), device,
+                                  str(path), comp in channels_last, (layers or {}).get(comp))
     finally:
         reader.close()
     return config, modules
@@ -210,6 +245,15 @@ def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype | N
     if component == "vae" and dtype == torch.float16 and config.vae.force_upcast:
         return torch.float32
     return dtype
+
+
+def _storage_dtype(component: str, config: ModelConfig, dtype: torch.dtype | None, device: torch.device,
+                   storage: dict[str, torch.dtype] | None) -> torch.dtype:
+    """The dtype a component's tensors are stored in: a memory plan's choice if it made one (16-bit weights
+    widened as they are used, runtime/weight_storage.py), else `_component_dtype`."""
+    if storage is not None and component in storage:
+        return storage[component]
+    return _component_dtype(component, config, dtype, device)
 
 
 def read_config(path: str | Path, prediction_type: str | None = None) -> ModelConfig | None:
@@ -233,18 +277,24 @@ def read_config(path: str | Path, prediction_type: str | None = None) -> ModelCo
 
 
 def load_components(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    variant: str | None = None, allow_pickle: bool = False,
-                    prediction_type: str | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
-    """(config, {"text_encoder", ["text_encoder_2"], "unet", "vae": module}) from a folder or a file."""
+                    variant: str | None = None, allow_pickle: bool = False, prediction_type: str | None = None,
+                    components: frozenset[str] | None = None, storage: dict[str, torch.dtype] | None = None,
+                    channels_last: frozenset[str] = frozenset(), layers: dict[str, Callable] | None = None
+                    ) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """(config, {"text_encoder", ["text_encoder_2"], "unet", "vae": module}) from a folder or a file.
+    components: only these (a memory plan loads the others when their stage runs); storage: {component:
+    dtype} to store tensors in instead of `dtype` (a memory plan's 16-bit weights)."""
     path, device = Path(path).expanduser(), torch.device(device)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise CheckpointError(f"{path}: a folder without model_index.json; give a diffusers folder or a "
                                   f".safetensors file")
-        config, modules = load_folder(path, dtype, device, variant, allow_pickle)
+        config, modules = load_folder(path, dtype, device, variant, allow_pickle, components, storage, channels_last,
+                                      layers)
         if prediction_type is not None:
             config = config.replace(scheduler={**config.scheduler, "prediction_type": prediction_type})
         return config, modules
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; check the path")
-    return load_single_file(path, dtype, device, allow_pickle, prediction_type)
+    return load_single_file(path, dtype, device, allow_pickle, prediction_type, components, storage, channels_last,
+                            layers)

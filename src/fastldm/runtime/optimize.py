@@ -19,17 +19,28 @@ from .quant import quantize_int8
 QUANT_MODES = (None, "int8")
 
 
-def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None
-             ) -> dict[str, nn.Module]:
-    """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}) in place; returns them."""
+def layout(name: str, module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` (component `name`) in the memory layout it runs in: channels_last for the UNet and VAE on CPU."""
+    if device.type == "cpu" and name in ("unet", "vae"):
+        return module.to(memory_format=torch.channels_last)
+    return module
+
+
+def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None,
+             dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+    """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
+    returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
+    loads it in fp16 to quantize, and computes in fp32)."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
-    if device.type == "cpu":
-        for name in ("unet", "vae"):
-            modules[name] = modules[name].to(memory_format=torch.channels_last)
-    elif quant is not None:
+    for name in ("unet", "vae"):
+        if name in modules:
+            modules[name] = layout(name, modules[name], device)
+    if device.type != "cpu" and quant is not None:
         raise BackendUnavailable(f"{quant} quantization runs on CPU only; load the model on the CPU or without "
                                  f"quantization")
-    if quant == "int8":
-        quantize_int8(modules["unet"])
+    if quant == "int8" and "unet" in modules:
+        quantize_int8(modules["unet"], dtype=dtype)
+        if dtype is not None:
+            modules["unet"].to(dtype)  # what stays float (norms, unquantized layers) computes in `dtype`
     return modules

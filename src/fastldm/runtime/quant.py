@@ -70,10 +70,10 @@ class _Int8(nn.Module):
     """What both int8 layers keep of the float layer besides their packed weights: the activation quantizer,
     the weights' zero points (0: symmetric), the bias in fp32 and the dtype to return."""
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, quantize: Callable):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, quantize: Callable, dtype: torch.dtype | None = None):
         super().__init__()
         self.quantize = quantize
-        self.dtype = layer.weight.dtype
+        self.dtype = dtype or layer.weight.dtype
         self.bias = None if layer.bias is None else layer.bias.detach().float()
         self.w_zp = torch.zeros(layer.weight.shape[0], dtype=torch.int64)
 
@@ -81,8 +81,8 @@ class _Int8(nn.Module):
 class Int8Conv2d(_Int8):
     """A Conv2d (any kernel size, stride, padding; groups 1) as int8 oneDNN convolution."""
 
-    def __init__(self, conv: nn.Conv2d, quantize: Callable = quantize_activation):
-        super().__init__(conv, quantize)
+    def __init__(self, conv: nn.Conv2d, quantize: Callable = quantize_activation, dtype: torch.dtype | None = None):
+        super().__init__(conv, quantize, dtype)
         q, self.w_scale = _weight_int8(conv.weight)
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
         # x_scale and x_zero_point given to the prepack only select oneDNN's kernel; each call passes its own.
@@ -99,8 +99,8 @@ class Int8Conv2d(_Int8):
 class Int8Linear(_Int8):
     """An nn.Linear as int8 oneDNN matmul on x (..., in) -> (..., out)."""
 
-    def __init__(self, linear: nn.Linear, quantize: Callable = quantize_activation):
-        super().__init__(linear, quantize)
+    def __init__(self, linear: nn.Linear, quantize: Callable = quantize_activation, dtype: torch.dtype | None = None):
+        super().__init__(linear, quantize, dtype)
         q, self.w_scale = _weight_int8(linear.weight)
         self.out_features = linear.out_features
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
@@ -114,26 +114,54 @@ class Int8Linear(_Int8):
         return y.view(*lead, self.out_features)
 
 
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP, fused: bool = True) -> int:
+def int8_layer(dtype: torch.dtype | None = None, skip: tuple[str, ...] = SKIP, fused: bool = True
+               ) -> Callable[[str, nn.Module], nn.Module]:
+    """layer(name, module) -> its int8 form where `quantize_int8` would swap it, else the module: for a loader
+    that quantizes each layer as soon as its weights are read (loading.load.build)."""
+    why = supported()
+    if why is not None:
+        raise BackendUnavailable(f"int8 quantization is unavailable: {why}; run without quantization")
+    quantize = fused_quantizer() if fused else quantize_activation
+
+    def layer(name: str, module: nn.Module) -> nn.Module:
+        if any(part in skip for part in name.split(".")):
+            return module
+        if isinstance(module, nn.Conv2d) and module.groups == 1:
+            return Int8Conv2d(module, quantize, dtype)
+        if isinstance(module, nn.Linear):
+            return Int8Linear(module, quantize, dtype)
+        return module
+    return layer
+
+
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP, fused: bool = True,
+                  dtype: torch.dtype | None = None) -> int:
     """Swap, in place, every Conv2d (groups 1) and Linear of `model` whose qualified name has no part in
     `skip` for its int8 form. Returns how many were swapped. CPU only. `fused`: quantize activations with
-    the inductor-compiled quantizer (needs a C++ compiler, as torch.compile does), else in eager ops."""
+    the inductor-compiled quantizer (needs a C++ compiler, as torch.compile does), else in eager ops. dtype:
+    what the int8 layers take and return (default: each float layer's dtype). Each layer is swapped as soon
+    as it is quantized, so the float weights are released one layer at a time."""
     why = supported()
     if why is not None:
         raise BackendUnavailable(f"int8 quantization is unavailable: {why}; run without quantization")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise BackendUnavailable("int8 quantization runs on CPU only; load the model on the CPU")
     quantize = fused_quantizer() if fused else quantize_activation
-    swaps = []
-    for name, module in model.named_modules():
+    n = 0
+    names = [name for name, _ in model.named_modules()]  # names only: a list of modules would keep them alive
+    for name in names:
         if any(part in skip for part in name.split(".")):
             continue
+        module = model.get_submodule(name)
         if isinstance(module, nn.Conv2d) and module.groups == 1:
-            swaps.append((name, Int8Conv2d(module, quantize)))
+            new = Int8Conv2d(module, quantize, dtype)
         elif isinstance(module, nn.Linear):
-            swaps.append((name, Int8Linear(module, quantize)))
-    for name, new in swaps:
+            new = Int8Linear(module, quantize, dtype)
+        else:
+            continue
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
-    return len(swaps)
+        del module, new
+        n += 1
+    return n
 

@@ -255,7 +255,7 @@ class Scheduler:
             self._make_room(entry.name, entry.weights_bytes)
             s = self.settings
             log.info("loading model %s", entry.name)
-            worker = Worker(entry.name, self._load(entry.path, device=s.device, dtype=s.dtype), s.max_batch,
+            worker = Worker(entry.name, self._load(entry.path, **s.load_options), s.max_batch,
                             self.metrics)
             with self._lock:
                 if self._closed is not None:

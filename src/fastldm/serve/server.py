@@ -45,7 +45,9 @@ class _Server(uvicorn.Server):
 def serve(settings: Settings, log_level: str = "info", open_page: bool = False) -> None:
     """Configure this process, start the server on settings.host:port and block until Ctrl-C; `open_page` opens
     the page in the default web browser once the server is up."""
-    configure_process(settings.threads)
+    # A memory plan wants freed pages returned: glibc's default (not the tuned allocator, which keeps its peak).
+    configure_process(settings.threads, allocator=settings.memory in (None, "fast", "balanced")
+                      and settings.memory_budget is None)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(settings)
     scheduler = app.state.fastldm.scheduler

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SettingError
 from ..plan import Limits
+from ..runtime import memory_plan
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,14 @@ class Settings:
     result_ttl_s: float = 600.0             # finished jobs of the jobs API are kept this long ...
     result_count: int = 64                  # ... and at most this many (oldest dropped first)
     threads: int | None = None              # torch CPU threads (configure_process), set by `serve` only
+    memory: str | None = None               # each model's memory mode (fastldm.load; runtime/memory_plan.py)
+    memory_budget: int | None = None        # each model's memory budget in bytes (requests over it: 507)
+
+    @property
+    def load_options(self) -> dict:
+        """The keyword arguments of fastldm.load that these settings give (memory ones only when set)."""
+        memory = {"memory": self.memory, "memory_budget": self.memory_budget}
+        return {"device": self.device, "dtype": self.dtype, **{k: v for k, v in memory.items() if v is not None}}
 
     def __post_init__(self):
         for name in ("max_queue", "max_batch", "max_width", "max_height", "max_steps", "max_n",
@@ -61,13 +70,4 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_bytes(text: str) -> int:
     """'8G', '512M', '1.5GB', '1000000' -> bytes (powers of 1024); SettingError otherwise."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise SettingError(f"{text!r} is not a size such as 8G or 512M") from None
-    if value <= 0:
-        raise SettingError(f"{text!r}: the size must be positive")
-    return int(value)
+    return memory_plan.parse_bytes(text)

@@ -1,0 +1,377 @@
+"""The memory planner: which components stay resident, how weights are stored, how the UNet batch and the VAE
+decode are cut, and the peak each stage is predicted to reach; chosen by a mode or a byte budget.
+
+A `MemoryPlan` is plain data. A `MemoryPlanner` (owned by a Pipeline) makes them: once at load for the model's
+default request (what `fastldm.load` builds: residency and weight storage cannot change afterwards), and once
+per request in `plan.resolve` (the UNet batch and the VAE tiling for that size; a request whose cheapest plan
+does not fit the budget is refused there, before any work, with the bytes it would need).
+
+The levers, cheapest in speed first (a budget takes the first plan whose predicted peak fits):
+
+    load time   1. everything resident, weights in the compute dtype (today's default)
+                2. text encoders loaded for encoding and released after (a reload per request: ~0.3 s SD 1.5)
+                3. + the VAE loaded for its encode/decode and released after
+                4. + weights stored in fp16 and widened to fp32 layer by layer (runtime/weight_storage.py;
+                   only where the compute dtype is fp32: a per-step cost, see docs/benchmarks.md)
+                5. + the UNet released during the decode (reloaded for the next request's denoise)
+    per request a. one UNet call per step for the whole batch, untiled VAE
+                b. tiled VAE decode/encode (runtime/tiled_vae.py, exact statistics: the same image)
+                c. sequential CFG (uncond and cond as two calls), then one image per call
+                d. both
+
+Attention is never a lever here: every attention backend fastldm picks by itself (torch's fused CPU kernel,
+flash_cpu, blocked; on CUDA SDPA/Triton) keeps no N×N score matrix, so the UNet's activations are linear in
+the image area. Only a forced `reference` backend writes the scores; the prediction then counts them.
+
+Predictions are bytes above the process's RSS after its imports: the weights resident in that stage, the
+stage's tensor peak (a MemoryTrace of the module on the meta device at a small size, scaled by the area),
+and the runtime's overhead beside the tensors (oneDNN's weight reorders and the allocator's slack:
+OVERHEAD_FRACTION of the tensors plus one reordered copy of the largest weight, calibrated on the RSS
+measured by `fastldm bench memory`, docs/benchmarks.md "Memory planner").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import MemoryBudgetError, SettingError
+from .weight_storage import MAX_WIDEN
+
+MODES = ("fast", "balanced", "low")
+TEXT = ("text_encoder", "text_encoder_2")
+MiB = 1 << 20
+OVERHEAD_FRACTION = 0.5        # runtime bytes beside a stage's traced tensors (see the module docstring)
+OVERHEAD_FIXED = 128 * MiB     # torch's and oneDNN's own buffers once a model runs
+TEXT_TENSORS = 32 * MiB        # a CLIP pass over a few 77-token chunks
+# The tiled VAE: 32 latent px tiles (their halos come on top: with 64, a 512² image is one tile and a halo), and
+# full-size checkpoints within 256 MiB (exact statistics; states that do not fit are recomputed from the last
+# checkpoint: at 512² 1.7× an untiled decode's time for 60 % of its tensors, docs/benchmarks.md "Tiled VAE").
+TILE = 32
+TILE_BUDGET = 256 * MiB
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8G', '512M', '2.1GB', '1000000' (or an int) -> bytes, in powers of 1024; SettingError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+        num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+        try:
+            value = float(num) * units[unit]
+        except ValueError:
+            raise SettingError(f"{text!r} is not a size such as 8G or 512M") from None
+    if value <= 0:
+        raise SettingError(f"{text!r}: the size must be positive")
+    return int(value)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a pipeline (and one request on it) does with memory; plain data (see the module docstring).
+
+    resident: components kept loaded between stages; staged: loaded for their stage and released after.
+    storage: {component: "fp32" | "bf16" | "fp16" | "fp16 -> fp32" (stored 16-bit, widened per layer) | "int8"}.
+    unet_batch: most rows per UNet call (None: the whole batch at once); <= n means sequential CFG.
+    vae_tile: latent pixels per tile side of the tiled VAE (None: untiled); vae_tile_budget: bytes its
+    full-size checkpoints may hold (None: keep every one). peaks: predicted bytes per stage, for
+    (width, height, n, guided)."""
+    mode: str
+    budget: int | None
+    level: int                                 # the load-time lever reached (1-5, module docstring)
+    resident: tuple[str, ...]
+    staged: tuple[str, ...]
+    storage: tuple[tuple[str, str], ...]
+    attention: str
+    unet_batch: int | None
+    vae_tile: int | None
+    vae_tile_budget: int | None
+    peaks: tuple[tuple[str, int], ...]
+    width: int
+    height: int
+    n: int
+    guided: bool
+
+    @property
+    def sequential_cfg(self) -> bool:
+        return self.guided and self.unet_batch is not None and self.unet_batch <= self.n
+
+    @property
+    def peak(self) -> int:
+        return max(b for _, b in self.peaks)
+
+    def fits(self) -> bool:
+        return self.budget is None or self.peak <= self.budget
+
+    def describe(self) -> str:
+        """Lines for `fastldm info`."""
+        rows = [f"memory plan:     {self.mode}" + (f", budget {_mib(self.budget)}" if self.budget else "")
+                + f" (level {self.level} of 5)",
+                f"  resident:      {', '.join(self.resident) or 'none'}",
+                f"  staged:        {', '.join(self.staged) or 'none'} (loaded for their stage, released after)",
+                "  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
+                f"  attention:     {self.attention}",
+                "  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
+                                        f"at most {self.unet_batch} rows per call"
+                                        + (" (sequential CFG)" if self.sequential_cfg else "")),
+                "  VAE:           " + ("untiled" if self.vae_tile is None else
+                                        f"tiled, {self.vae_tile} latent px tiles"
+                                        + (f", checkpoints within {_mib(self.vae_tile_budget)}"
+                                           if self.vae_tile_budget else "")),
+                f"  predicted peak ({self.width}x{self.height}, n={self.n}{', guided' if self.guided else ''}): "
+                + ", ".join(f"{s} {_mib(b)}" for s, b in self.peaks)]
+        return "\n".join(rows)
+
+
+# ---- what a model weighs and what its stages hold ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes read from a config (modules built on the meta device, no data): per component the elements of its
+    weight matrices/kernels (>= 2-D, what 16-bit storage and int8 shrink) and of the rest, the largest weight,
+    and the UNet's traced tensor peak per batch row per latent pixel (fp32)."""
+    matrix: dict[str, int]
+    rest: dict[str, int]
+    largest: dict[str, int]
+    unet_per_row_pixel: float
+    unet_attention_heads: int           # heads at the highest resolution (for a forced reference backend)
+
+    def weight_bytes(self, component: str, storage: str) -> int:
+        m, r = self.matrix[component], self.rest[component]
+        if storage in ("fp32",):
+            return 4 * (m + r)
+        if storage in ("fp16", "bf16"):
+            return 2 * (m + r)
+        if storage == "fp16 -> fp32":
+            return 2 * m + 4 * r
+        if storage == "int8":  # int8 matrices + an fp32 scale per output channel (~1 %), the rest fp32
+            return m + 4 * r + m // 100
+        raise ValueError(storage)
+
+
+def model_facts(config: ModelConfig) -> ModelFacts:
+    """The ModelFacts of `config` (builds every component on the meta device and traces one UNet call there:
+    about a second for SDXL)."""
+    from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+    built = {"text_encoder": (CLIPTextModel, config.text_encoder), "text_encoder_2": (CLIPTextModel,
+             config.text_encoder_2), "unet": (UNet2DConditionModel, config.unet), "vae": (AutoencoderKL, config.vae)}
+    matrix, rest, largest, modules = {}, {}, {}, {}
+    for name, (cls, sub) in built.items():
+        if sub is None:
+            continue
+        with torch.device("meta"):
+            modules[name] = m = cls(sub)
+        weights = [p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() >= 2]
+        matrix[name] = sum(weights)
+        rest[name] = sum(p.numel() for p in m.parameters()) - matrix[name] + sum(b.numel() for b in m.buffers())
+        largest[name] = max(weights)
+    per_pixel = _unet_tensor_peak(modules["unet"], config) / 64
+    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]))
+
+
+def _unet_tensor_peak(unet: nn.Module, config: ModelConfig) -> int:
+    """Traced tensor peak (bytes) of one fp32 UNet call, batch 1, 8×8 latent, one 77-token context."""
+    from .memory_trace import MemoryTrace
+
+    u = config.unet
+    kw = {}
+    if u.addition_time_embed_dim:
+        kw = {"text_embeds": torch.empty(1, u.projection_class_embeddings_input_dim - 6 * u.addition_time_embed_dim,
+                                         device="meta"),
+              "time_ids": torch.empty(1, 6, device="meta")}
+    if getattr(u, "time_cond_proj_dim", None):
+        kw["timestep_cond"] = torch.empty(1, u.time_cond_proj_dim, device="meta")
+    x = torch.empty(1, u.in_channels, 8, 8, device="meta")
+    ctx = torch.empty(1, 77, u.cross_attention_dim, device="meta")
+    with torch.no_grad(), MemoryTrace() as trace:
+        unet(x, torch.zeros(1, device="meta"), ctx, **kw)
+    return trace.report().peak_bytes
+
+
+# ---- the planner ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Levers:
+    """The load-time part of a plan."""
+    level: int
+    staged: tuple[str, ...]
+    widen: bool          # weights stored fp16, widened to the fp32 compute dtype
+
+
+def _levers(config: ModelConfig) -> list[Levers]:
+    text = tuple(c for c in TEXT if getattr(config, c) is not None)
+    return [Levers(1, (), False), Levers(2, text, False), Levers(3, (*text, "vae"), False),
+            Levers(4, (*text, "vae"), True), Levers(5, (*text, "vae", "unet"), True)]
+
+
+class MemoryPlanner:
+    """Makes a pipeline's MemoryPlans (see the module docstring). mode: "fast" | "balanced" | "low"; budget:
+    bytes (or "3GB") above the post-import RSS that a request may reach; compute: the dtype the models compute
+    in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any."""
+
+    def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
+                 compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
+                 device: torch.device | str = "cpu", machine_bytes: int | None = None,
+                 facts: ModelFacts | None = None):
+        mode = mode or "balanced"
+        if mode not in MODES:
+            raise SettingError(f"unknown memory mode {mode!r}; use one of: {', '.join(MODES)}")
+        self.config, self.mode, self.compute, self.quant = config, mode, compute, quant
+        self.budget = None if budget is None else parse_bytes(budget)
+        self.attention, self.device = attention, torch.device(device)
+        self.machine_bytes = machine_bytes if machine_bytes is not None else _physical_memory()
+        self.facts = facts or model_facts(config)
+        self._decode_cache: dict[tuple, int] = {}   # meta-device traces of the VAE decode, per size
+        w, h = config.default_size, config.default_size
+        self.levers = self._choose_levers(w, h)
+        self.plan = self.for_request(w, h, 1, guided=True, refuse=False)  # what `fastldm info` shows
+
+    # -- load time --
+
+    def _choose_levers(self, width: int, height: int) -> Levers:
+        ladder = _levers(self.config)
+        if self.budget is None:
+            return ladder[4] if self.mode == "low" else ladder[0]
+        start = 4 if self.mode == "low" else 0
+        for lv in ladder[start:]:
+            if self._pick(lv, width, height, 1, True, refuse=False).fits():
+                return lv
+        return ladder[-1]   # nothing fits the default request: the smallest plan (requests are refused)
+
+    def storage(self, levers: Levers | None = None) -> dict[str, str]:
+        lv = levers or self.levers
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.compute]
+        out = {}
+        for c in self.facts.matrix:
+            widen = lv.widen and self.compute == torch.float32 and not (c == "unet" and self.quant)
+            out[c] = "int8" if c == "unet" and self.quant else "fp16 -> fp32" if widen else name
+        return out
+
+    def storage_dtypes(self) -> dict[str, torch.dtype]:
+        """{component: dtype its tensors are loaded in} for components stored in 16 bits and widened."""
+        return {c: torch.float16 for c, s in self.storage().items() if s == "fp16 -> fp32"}
+
+    @property
+    def staged(self) -> tuple[str, ...]:
+        return self.levers.staged
+
+    # -- per request --
+
+    def for_request(self, width: int, height: int, n: int, guided: bool, *, refuse: bool = True
+                    ) -> MemoryPlan:
+        """The cheapest plan for a (width, height) request of n images (guided: with a CFG batch). With a budget:
+        the first that fits, else MemoryBudgetError naming the bytes its smallest plan needs (refuse=False:
+        that smallest plan). Balanced without a budget: untiled unless that would not fit the machine's RAM."""
+        return self._pick(self.levers, width, height, n, guided, refuse)
+
+    def _pick(self, lv: Levers, width: int, height: int, n: int, guided: bool, refuse: bool) -> MemoryPlan:
+        limit = self.budget if self.budget is not None else self.machine_bytes if self.mode == "balanced" else None
+        smallest = None
+        for batch, tile, tile_budget in self._candidates(width, height, n, guided):
+            plan = self._plan(lv, width, height, n, guided, batch, tile, tile_budget)
+            if limit is None or plan.peak <= limit:
+                return plan
+            smallest = plan if smallest is None or plan.peak < smallest.peak else smallest
+        if refuse and self.budget is not None:
+            raise MemoryBudgetError(
+                f"a {width}x{height} request for {n} image{'s' if n > 1 else ''} needs about {_mib(smallest.peak)} "
+                f"({smallest.peak:,} bytes) at its smallest (stage peaks: "
+                + ", ".join(f"{s} {_mib(b)}" for s, b in smallest.peaks)
+                + f"), more than the memory budget of {_mib(self.budget)} ({self.budget:,} bytes); ask for a "
+                  f"smaller size or fewer images, or give a larger budget", needed=smallest.peak, budget=self.budget)
+        return smallest
+
+    def _candidates(self, width: int, height: int, n: int, guided: bool):
+        """(UNet rows per call, VAE tile, tile checkpoint budget) in order of speed cost."""
+        rows = 2 * n if guided else n
+        batches = [None] + sorted({b for b in (n, 1) if b < rows}, reverse=True)
+        if self.mode == "low":
+            yield batches[-1], TILE, TILE_BUDGET
+            return
+        yield None, None, None
+        if self.budget is None:
+            if self.mode == "balanced":
+                yield None, TILE, TILE_BUDGET
+            return
+        for batch in batches:
+            if batch is not None:
+                yield batch, None, None
+            yield batch, TILE, TILE_BUDGET
+
+    def _weights(self, lv: Levers, components) -> int:
+        storage = self.storage(lv)
+        return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage)
+
+    def _overhead(self, tensors: int, component: str, lv: Levers) -> int:
+        """Runtime bytes beside a stage's tensors: OVERHEAD_FRACTION of them, OVERHEAD_FIXED, one reordered
+        fp32 copy of the largest weight (oneDNN), and for 16-bit weights the widening scratch (chunked layers
+        widen at most MAX_WIDEN weights at a time, runtime/weight_storage.py)."""
+        largest = self.facts.largest[component]
+        if self.storage(lv)[component] == "fp16 -> fp32":
+            largest = min(largest, MAX_WIDEN)
+            return int(OVERHEAD_FRACTION * tensors) + OVERHEAD_FIXED + 2 * 4 * largest
+        return int(OVERHEAD_FRACTION * tensors) + OVERHEAD_FIXED + 4 * largest
+
+    def _plan(self, lv: Levers, width: int, height: int, n: int, guided: bool, batch: int | None,
+              tile: int | None, tile_budget: int | None) -> MemoryPlan:
+        from .tiled_vae import decode_peak_bytes, tiled_decode_peak_bytes
+
+        f = self.facts
+        staged = lv.staged
+        resident = tuple(c for c in f.matrix if c not in staged)
+        scale = self.config.vae_scale
+        h, w = height // scale, width // scale
+        rows = (2 * n if guided else n) if batch is None else batch
+        itemsize = torch.empty((), dtype=self.compute).element_size()
+        unet_tensors = int(f.unet_per_row_pixel * rows * h * w * itemsize / 4)
+        attention = "fused (no N×N scores)"
+        if self.attention == "reference":
+            scores = rows * f.unet_attention_heads * (h * w) ** 2 * itemsize
+            unet_tensors += scores
+            attention = f"reference (writes {_mib(scores)} of N×N scores)"
+        vae = self.config.vae
+        image = 2 * n * 4 * width * height    # the decoded image, and its float numpy copy
+        key = (h, w, n, tile, tile_budget)
+        if key not in self._decode_cache:
+            self._decode_cache[key] = (
+                decode_peak_bytes(vae, h, w, self.compute, n) if tile is None else
+                tiled_decode_peak_bytes(vae, h, w, tile, tile_budget, self.compute, n))
+        decode_tensors = self._decode_cache[key]
+        # The largest tensor of a load: a file's 16-bit tensor and its fp32 conversion.
+        load_peak = self._weights(lv, resident) + 6 * max((f.largest[c] for c in resident), default=0)
+        # An int8 UNet is quantized layer by layer as it is read (api.load with a memory plan): the float
+        # weights are held one layer at a time, so its load peaks at about its int8 size.
+        text = [c for c in TEXT if c in f.matrix]
+        peaks = {
+            "load": load_peak,
+            "text": self._weights(lv, set(resident) | set(text)) + TEXT_TENSORS
+            + max(self._overhead(TEXT_TENSORS, c, lv) for c in text),
+            "denoise": self._weights(lv, set(resident) | {"unet"}) + unet_tensors
+            + self._overhead(unet_tensors, "unet", lv),
+            "decode": self._weights(lv, set(resident) | {"vae"}) + decode_tensors + image
+            + self._overhead(decode_tensors, "vae", lv),
+        }
+        return MemoryPlan(mode=self.mode, budget=self.budget, level=lv.level, resident=resident, staged=staged,
+                          storage=tuple(self.storage(lv).items()), attention=attention, unet_batch=batch,
+                          vae_tile=tile, vae_tile_budget=tile_budget, peaks=tuple(peaks.items()), width=width,
+                          height=height, n=n, guided=guided)
+
+
+def _physical_memory() -> int:
+    """This machine's RAM (bytes), or a very large number where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+__all__ = ["MODES", "MemoryPlan", "MemoryPlanner", "ModelFacts", "parse_bytes"]
