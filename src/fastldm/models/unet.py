@@ -106,8 +106,8 @@ class UpBlock(_Stage):
         """Pops one skip per layer run; `layers` runs a part of the block (upsampling only with its last layer)."""
         layers = range(len(self.resnets)) if layers is None else layers
         for i in layers:
-            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + Cskip, H, W)
-            x = self.layer(i, x, temb, context)
+            # (B, C + Cskip, H, W), passed straight in: no name here keeps it alive past the resnet that reads it
+            x = self.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
         for up in self.upsamplers if layers.stop == len(self.resnets) else ():
             x = up(x, size)
         return x
