@@ -46,3 +46,15 @@ def test_supports_states_limits(device):
     assert "contiguous" in activations.supports_gelu(x.t())
     assert "approximation" in activations.supports_gelu(x, "sigmoid")
     assert "dtype" in activations.supports_gelu(x.double())
+
+
+def test_reference_geglu_in_place_at_inference_only():
+    """Without autograd the reference writes the product into GELU's output (one buffer less); with it, it
+    allocates both so backward works. Same values either way, and the input is never written."""
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    before = x.detach().clone()
+    with torch.no_grad():
+        y = reference.geglu(x)
+    z = reference.geglu(x)
+    z.sum().backward()
+    assert torch.equal(y, z.detach()) and torch.equal(x.detach(), before) and x.grad is not None

@@ -81,7 +81,7 @@ def test_budget_plan_levers(planner):
 
 def test_big_images_get_tiled_and_sequential(planner):
     budgeted = planner(budget="3GB")
-    small, big = budgeted.for_request(512, 512, 1, True), budgeted.for_request(1024, 1024, 1, True)
+    small, big = budgeted.for_request(512, 512, 1, True), budgeted.for_request(1280, 1280, 1, True)
     assert small.unet_batch is None and small.fits()
     assert big.vae_tile is not None and big.sequential_cfg and big.fits()
     with pytest.raises(MemoryBudgetError):

@@ -28,9 +28,13 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        """x (B, N, dim) -> (B, N, dim). At inference the residual stream is updated in place: x is the
+        block's own token tensor (Transformer2DModel makes it), and adding into it keeps one (B, N, dim)
+        buffer alive where `x = x + ...` would keep the caller's input next to the block's result."""
+        add = torch.add if torch.is_grad_enabled() else torch.Tensor.add_
+        x = add(x, self.attn1(self.norm1(x)))
+        x = add(x, self.attn2(self.norm2(x), context))
+        return add(x, self.ff(x, self.norm3))
 
 
 class Transformer2DModel(nn.Module):
@@ -102,15 +106,20 @@ class UpBlock(_Stage):
         super().__init__(c, cins, cout, level)
         self.upsamplers = nn.ModuleList([] if last else [Upsample2D(cout)])
 
-    def forward(self, x, skips: list[torch.Tensor], temb, context, size, layers: range | None = None) -> torch.Tensor:
-        """Pops one skip per layer run; `layers` runs a part of the block (upsampling only with its last layer)."""
+    def forward(self, hidden: list[torch.Tensor], skips: list[torch.Tensor], temb, context, size,
+                layers: range | None = None) -> None:
+        """hidden: a one-element list holding the block's input, replaced by its output. Pops one skip per
+        layer run; `layers` runs a part of the block (upsampling only with its last layer).
+
+        The input is handed over in a list, as the skips are, so that the block can let go of it: passed as an
+        argument, the caller's frames would hold it while the whole block runs (the upsampled input of the
+        last up block is 20 MiB at a guided 512² image, held through its transformers' GEGLU, the UNet's peak)."""
         layers = range(len(self.resnets)) if layers is None else layers
         for i in layers:
             # (B, C + Cskip, H, W), passed straight in: no name here keeps it alive past the resnet that reads it
-            x = self.layer(i, torch.cat([x, skips.pop()], dim=1), temb, context)
+            hidden.append(self.layer(i, torch.cat([hidden.pop(), skips.pop()], dim=1), temb, context))
         for up in self.upsamplers if layers.stop == len(self.resnets) else ():
-            x = up(x, size)
-        return x
+            hidden.append(up(hidden.pop(), size))
 
 
 class MidBlock(nn.Module):
@@ -199,23 +208,25 @@ class UNet2DConditionModel(nn.Module):
         for block in self.down_blocks:
             x, s = block(x, emb, ctx)
             skips += s
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, ctx)
+        hidden = [x if self.mid_block is None else self.mid_block(x, emb, ctx)]  # each up block replaces it
+        del x
         for block in self.up_blocks:
             k = len(block.resnets)
             mine, skips = skips[-k:], skips[:-k]
             # Upsample to the next skip's size, so sizes that are not multiples of 2^levels work.
             size = skips[-1].shape[-2:] if skips else None
             layers = range(k - self.check_tail(tail)) if block is self.up_blocks[-1] else None
-            x = block(x, mine, emb, ctx, size, layers)
+            block(hidden, mine, emb, ctx, size, layers)
             skips += mine  # what the block did not pop: the tail's skips
-        return x, skips
+        return hidden.pop(), skips
 
     def head(self, h, skips: list[torch.Tensor], emb, ctx, tail: int = 0) -> torch.Tensor:
         """The last up block's final `tail` layers on h with their skips, then the output norm and conv."""
         last = self.up_blocks[-1]
         if tail:
-            h = last(h, skips, emb, ctx, None, range(len(last.resnets) - tail, len(last.resnets)))
+            hidden = [h]
+            last(hidden, skips, emb, ctx, None, range(len(last.resnets) - tail, len(last.resnets)))
+            h = hidden.pop()
         return self.conv_out(self.conv_norm_out(h))
 
     def tail_skips(self, x, emb, ctx, tail: int) -> list[torch.Tensor]:

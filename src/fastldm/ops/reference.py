@@ -35,7 +35,9 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """GEGLU (Shazeer 2020): x (..., 2F) -> value · GELU(gate), value and gate the two halves (..., F)."""
     value, gate = x.chunk(2, dim=-1)
-    return value * F.gelu(gate)
+    if torch.is_grad_enabled():
+        return value * F.gelu(gate)
+    return F.gelu(gate).mul_(value)  # inference: the product overwrites GELU's output, one (..., F) buffer less
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
