@@ -49,10 +49,8 @@ class EncoderBlock(nn.Module):
                                       for i in range(n)])
         self.downsamplers = nn.ModuleList([Downsample2D(cout, pad_asym=True)] if down else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in [*self.resnets, *self.downsamplers]:
-            x = m(x)
-        return x
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *self.downsamplers]
 
 
 class DecoderBlock(nn.Module):
@@ -62,10 +60,8 @@ class DecoderBlock(nn.Module):
                                       for i in range(n)])
         self.upsamplers = nn.ModuleList([Upsample2D(cout)] if up else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in [*self.resnets, *self.upsamplers]:
-            x = m(x)
-        return x
+    def layers(self) -> list[nn.Module]:
+        return [*self.resnets, *self.upsamplers]
 
 
 class Encoder(nn.Module):
@@ -81,8 +77,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
+        for layer in _layers(self.down_blocks):
+            x = layer(x)
         return self.conv_out(self.conv_norm_out(self.mid_block(x)))
 
 
@@ -99,9 +95,16 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        for layer in _layers(self.up_blocks):
+            x = layer(x)
         return self.conv_out(self.conv_norm_out(x))
+
+
+def _layers(blocks: nn.ModuleList) -> list[nn.Module]:
+    """The blocks' layers in order, run one by one rather than block by block: a block called as a module
+    would have its input held by the calling frames until the block ends, long after its first layer
+    has read it (the upsampled 512² input of the last decoder block is 256 MiB)."""
+    return [layer for block in blocks for layer in block.layers()]
 
 
 class AutoencoderKL(nn.Module):

@@ -20,9 +20,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float, act: str | None = None) -> torch.Tensor:
-    """GroupNorm over (B, C, H, W) followed by an optional activation ("silu")."""
+    """GroupNorm over (B, C, H, W) followed by an optional activation ("silu"), in place at inference."""
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if act == "silu" else y
+    return F.silu(y, inplace=not torch.is_grad_enabled()) if act == "silu" else y
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -234,9 +234,8 @@ class _Tiling:
                 stack.append(h)
             elif s.kind == "norm":
                 h = _normalize(h, s.module, self.stats[i])
-            elif s.kind == "add":
-                r = stack.pop()
-                h = h.add_(r if s.module is None else s.module(r))  # h: the conv before it made it
+            elif s.kind == "add":  # h: the conv before it made it; no name keeps the residual past its add
+                h = h.add_(stack.pop() if s.module is None else s.module(stack.pop()))
             else:  # conv, up, down
                 h = s.module(h)
                 if s.kind != "conv":
@@ -256,23 +255,29 @@ class _Tiling:
             if groups is not None:
                 moments = _merge(moments, _moments(self._core_of(h, core, y0, x0, f), groups))
             if keep:
-                state = [h, *stack]
-                distinct = list({id(t): t for t in state}.values())  # a residual saved just now *is* h
-                if full is None:
-                    # What is still a view of the checkpoint (a residual saved before it) is shared, not copied.
-                    shared = [next((whole for view, whole in views if view is t), None) for t in distinct]
-                    full = [whole if whole is not None else
-                            torch.empty(*t.shape[:2], self.lh * f, self.lw * f, dtype=t.dtype, device=t.device,
-                                        memory_format=_format(t)) for t, whole in zip(distinct, shared)]
-                    ids = [id(t) for t in distinct]
-                    order = [ids.index(id(t)) for t in state]
-                for t, dst, whole in zip(distinct, full, shared):
-                    if whole is None:
-                        self._core_of(dst, core, 0, 0, f).copy_(self._core_of(t, core, y0, x0, f))
-            del h, stack, views
+                full = self._store(core, [h, *stack], views, y0, x0, f, full)
+            del h, stack, views  # nothing of this tile is held while the next one runs
         if keep:
-            self.ckpt = _Checkpoint(stop, f, full[order[0]], [full[j] for j in order[1:]])
+            whole, order = full
+            self.ckpt = _Checkpoint(stop, f, whole[order[0]], [whole[j] for j in order[1:]])
         return moments
+
+    def _store(self, core, state: list[torch.Tensor], views, y0: int, x0: int, f: int, full):
+        """Write a tile's state (activation, residuals) into the full-size tensors of a new checkpoint, made
+        at the first tile: -> (the distinct full-size tensors, the index of each state entry among them)."""
+        distinct = list({id(t): t for t in state}.values())  # a residual saved just now *is* the activation
+        # What is still a view of the checkpoint (a residual saved before it) is shared, not copied.
+        shared = [next((whole for view, whole in views if view is t), None) for t in distinct]
+        if full is None:
+            ids = [id(t) for t in distinct]
+            full = ([whole if whole is not None else
+                     torch.empty(*t.shape[:2], self.lh * f, self.lw * f, dtype=t.dtype, device=t.device,
+                                 memory_format=_format(t)) for t, whole in zip(distinct, shared)],
+                    [ids.index(id(t)) for t in state])
+        for t, dst, whole in zip(distinct, full[0], shared):
+            if whole is None:
+                self._core_of(dst, core, 0, 0, f).copy_(self._core_of(t, core, y0, x0, f))
+        return full
 
     def advance(self, stop: int) -> None:
         """Process the barriers before step `stop` not yet processed (statistics, checkpoints, attention)."""
