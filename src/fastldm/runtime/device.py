@@ -12,6 +12,11 @@ server, once, with `configure_process`; never by library calls).
   268 MB copy, docs/benchmarks.md "CPU fast path"). `tune_allocator` keeps freed memory
   in the heap for reuse (glibc's mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), as Intel's PyTorch CPU
   guides do with jemalloc or tcmalloc. The cost: the process keeps its peak heap until it exits.
+- **arenas** (servers): glibc gives each thread that allocates concurrently an arena of its own, up to 8 per
+  core, and each arena's heap keeps its own high-water mark. A server's HTTP worker threads (request
+  parsing, PNG encoding) thus grow the RSS step by step as load reaches more of them: a batching server on the
+  embedded model grew 584 → 641 MB over six rounds of 16 clients before it levelled off, 593 → 609 MB with
+  two arenas (docs/benchmarks.md, "Server load"). `limit_arenas` caps them (glibc's M_ARENA_MAX).
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import torch
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})   # x86 (both) and Arm (`bf16` in Features)
 INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})  # int8 dot products
 BF16_MIN_CHANNELS = 256  # every SD 1.x/2.x/XL UNet and its distilled variants; not the tiny test models
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3                 # glibc <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8   # glibc <malloc.h>
+SERVER_ARENAS = 2  # malloc arenas of a server process (the HTTP threads' and the model worker's allocations)
 _MMAP_THRESHOLD = 1 << 30  # glibc's ceiling for this setting is HEAP_MAX / 2 on 64-bit (32 MiB · 2^n ok)
 
 
@@ -97,31 +103,47 @@ def default_dtype(device: torch.device, config=None) -> torch.dtype:
     return torch.float32
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (whose mallopt settings these are), else None."""
+    if platform.system() != "Linux" or "glibc" not in " ".join(platform.libc_ver()):
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune_allocator() -> bool:
     """Keep large freed blocks in glibc's heap for reuse instead of unmapping them (see the module
     docstring). Returns False where it does not apply (not glibc)."""
-    if platform.system() != "Linux" or "glibc" not in " ".join(platform.libc_ver()):
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD))
+
+
+def limit_arenas(n: int) -> bool:
+    """Let glibc's malloc use at most `n` arenas (see the module docstring). Returns False where it does not
+    apply (not glibc)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, n))
 
 
 def release_free_memory() -> bool:
     """Hand the pages of freed heap blocks back to the system (glibc `malloc_trim(0)`), so memory a pipeline
     releases shows as a smaller RSS. An action, not a setting: nothing about the process changes afterwards.
     Returns False where it does not apply (not glibc)."""
-    if platform.system() != "Linux" or "glibc" not in " ".join(platform.libc_ver()):
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc_trim(0)
     return True
 
 
-def configure_process(threads: int | None = None, allocator: bool = True) -> int:
+def configure_process(threads: int | None = None, allocator: bool = True, arenas: int | None = None) -> int:
     """For a program that owns its process (the CLI, the server): set torch's intra-op threads, tune the
-    allocator and keep compiled graphs in a persistent cache (compile.use_persistent_cache); returns the
-    thread count in force.
+    allocator, cap malloc's arenas at `arenas` (servers) and keep compiled graphs in a persistent cache
+    (compile.use_persistent_cache); returns the thread count in force.
 
     threads=None keeps torch's count (one per physical core, or OMP_NUM_THREADS, or what the caller set
     with torch.set_num_threads) but caps it at `available_cpus()`: torch does not see cgroup CPU quotas,
@@ -133,6 +155,8 @@ def configure_process(threads: int | None = None, allocator: bool = True) -> int
         torch.set_num_threads(threads)
     if allocator:
         tune_allocator()
+    if arenas is not None:
+        limit_arenas(arenas)
     from .compile import use_persistent_cache
 
     use_persistent_cache()

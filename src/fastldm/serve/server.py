@@ -17,7 +17,7 @@ import webbrowser
 
 import uvicorn
 
-from ..runtime.device import configure_process
+from ..runtime.device import SERVER_ARENAS, configure_process
 from .app import create_app
 from .settings import Settings
 
@@ -47,7 +47,7 @@ def serve(settings: Settings, log_level: str = "info", open_page: bool = False) 
     the page in the default web browser once the server is up."""
     # A memory plan wants freed pages returned: glibc's default (not the tuned allocator, which keeps its peak).
     configure_process(settings.threads, allocator=settings.memory in (None, "fast", "balanced")
-                      and settings.memory_budget is None)
+                      and settings.memory_budget is None, arenas=SERVER_ARENAS)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     app = create_app(settings)
     scheduler = app.state.fastldm.scheduler
