@@ -49,12 +49,14 @@ def test_supports_states_limits(device):
 
 
 def test_reference_geglu_in_place_at_inference_only():
-    """Without autograd the reference writes the product into GELU's output (one buffer less); with it, it
-    allocates both so backward works. Same values either way, and the input is never written."""
+    """Without autograd the reference writes GELU and the product over a copy of the gate (one buffer less);
+    with it, it allocates both so backward works. Same values either way to a few fp32 ulps (the contiguous copy
+    takes ATen's vectorised erf, the strided half its scalar one), and the input is never written."""
     x = torch.randn(3, 5, 16, requires_grad=True)
     before = x.detach().clone()
     with torch.no_grad():
         y = reference.geglu(x)
     z = reference.geglu(x)
     z.sum().backward()
-    assert torch.equal(y, z.detach()) and torch.equal(x.detach(), before) and x.grad is not None
+    torch.testing.assert_close(y, z.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(x.detach(), before) and x.grad is not None
