@@ -29,7 +29,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
 from ..errors import WorkerLost
-from ..runtime.device import SERVER_ARENAS, configure_process
+from ..runtime.device import configure_process
 from .app import create_app
 from .model_worker import ModelWorker
 from .remote_scheduler import RemoteScheduler
@@ -53,7 +53,7 @@ class JobOwnerRouter(FIFOMixin, RequestRouter):
 @serve.deployment(name="ModelWorker", graceful_shutdown_timeout_s=5)
 class WorkerDeployment:
     def __init__(self, settings: Settings, threads: int):
-        configure_process(threads, arenas=SERVER_ARENAS)   # a replica owns its process
+        configure_process(threads)   # a replica owns its process
         self.worker = ModelWorker(settings, serve.get_replica_context().replica_id.unique_id)
 
     async def run(self, model, request):
