@@ -58,7 +58,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     "v_prediction" when the checkpoint cannot tell. Runtime (fastldm.runtime): compile: the UNet through
     torch.compile (default off); quant: "int8" for int8 weights and activations in the UNet (CPU);
     cuda_graphs: capture and replay the UNet call as a CUDA graph (CUDA only); backends: {op: backend} forced
-    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}. tune: on a CPU
+    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}; on a CPU the UNet's
+    convolutions run with oneDNN-packed weights (runtime/prepack.py) unless a conv2d backend is forced. tune: on a CPU
     with no dtype given, pick the dtype and the attention kernel by measuring them on this model's shapes the
     first time (seconds; cached on disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
 
@@ -101,8 +102,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     compute = compute or default_dtype(device, config)
 
     def prepare(found: dict) -> dict:
-        """Loaded components as they run: layout and int8 (runtime/optimize.py), 16-bit widening."""
-        optimize(found, device, quant=None if while_reading else quant, dtype=compute)
+        """Loaded components as they run: layout, int8 or packed convolutions (runtime/optimize.py), 16-bit
+        widening."""
+        optimize(found, device, quant=None if while_reading else quant, dtype=compute,
+                 pack=not while_reading and "unet" not in storage and "conv2d" not in kernels.forced)
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

@@ -13,13 +13,15 @@ from fastldm.bench import ablation as A
 from fastldm.cli import main
 from fastldm.config import UNetConfig
 from fastldm.ops import flash_attention_cpu, winograd
+from fastldm.runtime import prepack
 
 TINY = UNetConfig(block_out_channels=(32, 64), layers_per_block=(1, 1), cross_attn=(True, False),
                   attention_heads=(2, 2), transformer_layers_per_block=(1, 1), norm_num_groups=8,
                   cross_attention_dim=16, sample_size=8)
 TINY_XL = dataclasses.replace(TINY, use_linear_projection=True, cross_attention_dim=32, addition_time_embed_dim=8,
                               projection_class_embeddings_input_dim=16 + 6 * 8)
-NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+FlashAttn CPU", "+Winograd", "+CUDA graphs",
+NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+FlashAttn CPU", "+Winograd", "+Packed conv",
+         "+CUDA graphs",
          "diffusers eager", "diffusers + torch.compile"]
 
 
@@ -64,6 +66,15 @@ def test_ablation_table_on_cpu(one_thread):
     # fp32: Winograd's error is ~1e-5 of max|y| per conv (tests/ops/test_winograd.py), compounded over a few
     # convs; diffusers runs the same math on the same (shared) weights, so only summation order can differ.
     assert base["rel_err"] == 0.0 and 0 < wino["rel_err"] < 1e-4 and peer["rel_err"] < 1e-5
+    # packed oneDNN weights: Winograd dropped (conv2d backends do not reach packed layers), the rest kept; the
+    # same convolutions in another weight layout (tests/runtime/test_prepack.py's tolerance)
+    packed = rows["+Packed conv"]
+    if prepack.unsupported(torch.float32) is None:
+        assert packed["na"] is None and packed["backends"].endswith("+ packed conv weights")
+        assert "winograd" not in packed["backends"] and packed["rel_err"] < 1e-5
+        convs = sum(m.weight.numel() * 4 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+        assert packed["weight_mb"] == round((params + convs) / 2**20, 1)  # the twin's packed copies
+        assert isinstance(unet.conv_in, torch.nn.Conv2d)  # the table's UNet itself stays plain
 
     table = A.markdown(result)
     assert table.count("n/a (Triton needs CUDA)") == 3 and "| Baseline | reference |" in table

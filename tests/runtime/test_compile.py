@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastldm.runtime import compile as rc
+from fastldm.runtime.prepack import prepack_convs
 from .test_optimize import tiny_unet, unet_inputs
 
 
@@ -20,13 +21,19 @@ def test_cache_dir_default_and_override(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow  # inductor compiles C++ for every fused kernel: ~1-2 min for the tiny UNet on 2 cores
-def test_compiled_unet_matches_eager(monkeypatch, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_compiled_unet_matches_eager(monkeypatch, tmp_path, packed):
+    """packed: convolutions with oneDNN-packed weights (runtime/prepack.py, the CPU default), packed by the
+    first compiled call itself."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     eager = tiny_unet()
     x, t, ctx = unet_inputs()
     with torch.no_grad():
         ref = eager(x, t, ctx)
-    compiled = rc.compile_module(copy.deepcopy(eager))
+    twin = copy.deepcopy(eager)
+    if packed:
+        prepack_convs(twin)
+    compiled = rc.compile_module(twin)
     report = rc.timed_first_call(compiled, x, t, ctx)
     assert report.cache_misses >= 1 and report.seconds > 0
     with torch.no_grad():

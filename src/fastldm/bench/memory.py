@@ -124,16 +124,6 @@ class _Sampler:
         self._thread.join()
 
 
-def _weight_bytes(modules) -> int:
-    seen = {}
-    for m in modules:
-        for t in [*m.parameters(), *m.buffers()]:
-            if t.device.type == "meta":  # a staged component between its stages
-                continue
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 def _engine(engine: str, folder: str, dtype, width: int, height: int, steps: int):
     """Load `engine`'s pipeline; returns ({stage: (prepare, run)}, modules): run(prepare()) is the stage."""
     import torch
@@ -203,6 +193,7 @@ def child(engine: str, stage: str, folder: str, width: int, height: int, dtype: 
 
     from ..api import parse_dtype
     from ..runtime.memory_trace import MemoryTrace
+    from ..runtime.weight_storage import stored_bytes
 
     # The baseline is taken after importing each engine's pipeline code (for both, that imports torch._dynamo:
     # ~150 MB of RSS), so a row counts what the run itself adds.
@@ -216,7 +207,7 @@ def child(engine: str, stage: str, folder: str, width: int, height: int, dtype: 
     with torch.inference_mode():
         with _Sampler() as sampler:
             stages, modules, pipe = _engine(engine, folder, parse_dtype(dtype), width, height, steps)
-        r = StageResult(engine, stage, weight_mb=_weight_bytes(modules) / MB)
+        r = StageResult(engine, stage, weight_mb=stored_bytes(*modules) / MB)
         if engine_settings(engine):
             from ..request import GenerationRequest
 
@@ -230,7 +221,7 @@ def child(engine: str, stage: str, folder: str, width: int, height: int, dtype: 
             r.peak_rss_mb = r.added_mb = (status()["VmHWM"] - base["VmRSS"]) / MB
             r.anon_mb = (sampler.peak["RssAnon"] - base["RssAnon"]) / MB
             r.file_mb = (sampler.peak["RssFile"] - base["RssFile"]) / MB
-            r.weight_mb = _weight_bytes(modules) / MB   # what stays resident after the run
+            r.weight_mb = stored_bytes(*modules) / MB   # what stays resident after the run
             return asdict(r)
         if stage == "load":
             r.seconds = time.perf_counter() - t0

@@ -12,12 +12,26 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FASTLDM_JSON, ModelConfig
+from ..errors import CheckpointError
 from ..families import family_of
-
 
 
 def _scheduler_entry(config: ModelConfig) -> dict:
     return {"_class_name": "DDIMScheduler", **{k: v for k, v in config.scheduler.items() if k != "_class_name"}}
+
+
+def _check_complete(name: str, config, state: dict) -> None:
+    """Refuse to write a component whose state dict lacks weights its architecture has: a loaded pipeline's
+    UNet quantized to int8 keeps its weights in oneDNN's packed int8 form, outside its state dict."""
+    from .load import _MODELS
+
+    with torch.device("meta"):
+        expected = _MODELS[name](config).state_dict().keys()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"the {name} has no plain weights for {len(missing)} tensors (e.g. {missing[0]}): it "
+                              f"runs with int8 layers; save the model from its checkpoint, or load it without "
+                              f"quantization")
 
 
 def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: dict, path: str | Path,
@@ -45,8 +59,10 @@ def save_folder(config: ModelConfig, modules: dict[str, nn.Module], tokenizers: 
                 index[name] = ["diffusers", cfg["_class_name"]]
                 weights = "diffusion_pytorch_model.safetensors"
             (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
+            state = module.state_dict()
+            _check_complete(name, sub, state)
             sd = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
-                  for k, v in module.state_dict().items()}
+                  for k, v in state.items()}
             save_file(sd, str(tmp / name / weights), metadata={"format": "pt"})
         (tmp / FASTLDM_JSON).write_text(json.dumps({"default_guidance": config.default_guidance}, indent=2))
         for name, tok in tokenizers.items():

@@ -24,7 +24,8 @@ From these it reports, for the op order that ran:
 
 What it cannot see: scratch memory an op allocates and frees inside its kernel (oneDNN's reordered conv
 weights, im2col buffers, a fused attention's blocks) and tensors made outside the dispatcher
-(`torch.from_numpy`), which count as pre-existing. `torch.profiler`'s memory events include the first
+(`torch.from_numpy`), which count as pre-existing; and oneDNN's packed weights (runtime/prepack.py),
+opaque tensors without a storage, neither as weights nor when a first call packs them. `torch.profiler`'s memory events include the first
 (fastldm.bench.ablation.peak_bytes); compare the two to size them.
 """
 from __future__ import annotations

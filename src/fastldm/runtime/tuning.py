@@ -32,6 +32,7 @@ from ..config import ModelConfig
 from ..files import atomic_write_bytes
 from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
+from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
 
 FORMAT = "fastldm-tuning-1"
@@ -161,13 +162,20 @@ def _int8(shapes: dict, ms: dict, repeats: int, g: torch.Generator) -> str:
     return "faster" if ms["linear int8"] < ms["linear fp32"] else "slower"
 
 
+def conv_weights(dtype: torch.dtype) -> str:
+    """How a float UNet's convolution weights are held on this CPU in `dtype` (runtime/prepack.py)."""
+    why = unpackable(dtype)
+    return "packed for oneDNN once per input shape" if why is None else f"plain ({why})"
+
+
 def describe(choice: RuntimeChoice) -> str:
     """Lines for `fastldm info --runtime`."""
     info = cpu_info()
     isa = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx512_vnni", "avx_vnni", "avx2") if f in info.flags]
     lines = [f"cpu:             {info.name} ({info.cpus} CPUs available; {', '.join(isa) or 'no x86 vector flags'})",
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
-             f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}"]
+             f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
+             f"conv weights:    {conv_weights(choice.torch_dtype)}"]
     lines += [f"  {label:<24}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
     return "\n".join(lines)

@@ -139,10 +139,16 @@ def store_16bit(model: nn.Module, storage: torch.dtype = torch.float16, compute:
     return scratch
 
 
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of `model`'s parameters and buffers as stored (16-bit weights counted at 2 bytes)."""
+def stored_bytes(*models: nn.Module) -> int:
+    """Bytes of the parameters and buffers of `models` as stored (16-bit weights counted at 2 bytes), each
+    storage once; oneDNN's packed weights (opaque tensors without a storage, runtime/prepack.py) by their
+    elements; meta tensors (a staged component between its stages) not at all."""
     seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type != "meta":
+    for t in (t for m in models for t in (*m.parameters(), *m.buffers())):
+        if t.device.type == "meta":
+            continue
+        if t.is_mkldnn:
+            seen[("opaque", id(t))] = t.numel() * t.element_size()
+        else:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())

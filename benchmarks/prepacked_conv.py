@@ -1,0 +1,131 @@
+"""Convolutions with weights packed once per input shape (runtime/prepack.py) against eager `F.conv2d`, which
+lets oneDNN reorder the weight at every call: each SD 1.5 UNet convolution shape alone, then whole UNet calls.
+
+    python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--json out.json]
+
+Layers: every distinct (in, out, kernel, stride, spatial) convolution of SD 1.5's UNet at each image size, batch
+2 (CFG), fp32 channels_last (fastldm's CPU layout), median of 7 calls each, with the summed time per UNet call
+(each shape times its count). The process is set up as the CLI's (threads, and glibc's malloc keeping large
+freed blocks: without that, the per-call reorder buffer of a big weight is mmapped and page-faulted afresh at
+every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded random weights, one
+prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine
+(runtime/tuning.py);
+per-round times, their medians, the ratio, and the outputs' max relative difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastldm import ops
+from fastldm.bench.ablation import random_unet, unet_inputs
+from fastldm.families import PRESETS
+from fastldm.runtime.device import configure_process, cpu_info
+from fastldm.runtime.optimize import layout
+from fastldm.runtime.prepack import PackedConv2d, prepack_convs
+from fastldm.runtime.tuning import choose
+
+
+def conv_shapes(unet: nn.Module, inputs: dict) -> Counter:
+    """{(in, out, k, stride, padding, H, W): count} of `unet`'s Conv2d calls on `inputs`."""
+    seen: Counter = Counter()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.update([(m.in_channels, m.out_channels, m.kernel_size[0],
+                                                                   m.stride[0], m.padding[0], *i[0].shape[2:])]))
+             for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        unet(**inputs)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def median_ms(fn, n: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def layer_table(shapes: Counter, batch: int = 2) -> list[dict]:
+    rows = []
+    for (cin, cout, k, stride, pad, h, w), count in sorted(shapes.items(), key=lambda kv: (-kv[0][5], kv[0][:2])):
+        conv = nn.Conv2d(cin, cout, k, stride, pad).requires_grad_(False).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, cin, h, w).to(memory_format=torch.channels_last)
+        packed = PackedConv2d(conv)
+        with torch.no_grad():
+            plain_ms = median_ms(lambda: F.conv2d(x, conv.weight, conv.bias, stride, pad))
+            packed_ms = median_ms(lambda: packed(x))
+        rows.append({"in": cin, "out": cout, "k": k, "stride": stride, "hw": h, "count": count,
+                     "plain_ms": plain_ms, "packed_ms": packed_ms})
+    return rows
+
+
+def unet_ab(latent: int, rounds: int) -> dict:
+    config = PRESETS["sd1"].unet
+    cpu = torch.device("cpu")
+    plain = layout("unet", random_unet(config), cpu)
+    packed = layout("unet", random_unet(config), cpu)
+    n = prepack_convs(packed)
+    inputs = unet_inputs(config, latent, cpu, torch.float32)
+    shapes = conv_shapes(plain, inputs)
+    times = {"plain": [], "packed": []}
+    kernels = ops.Kernels(preferred=choose(PRESETS["sd1"]).preferred())
+    with torch.inference_mode(), ops.using(kernels):
+        a, b = plain(**inputs), packed(**inputs)   # warm-up; the packed UNet packs here
+        err = ((a - b).abs().max() / a.abs().max()).item()
+        for _ in range(rounds):
+            for name, unet in (("plain", plain), ("packed", packed)):
+                t0 = time.perf_counter()
+                unet(**inputs)
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"latent": latent, "packed_layers": n, "seconds": times, "median_s": med,
+            "speedup": med["plain"] / med["packed"], "max_rel_diff": err, "shapes": shapes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    configure_process(args.threads)  # threads and glibc's malloc as the CLI sets them
+    info = cpu_info()
+    print(f"{platform.processor() or info.name}; avx512_bf16: {info.bf16}; threads {args.threads}; "
+          f"torch {torch.__version__}")
+    out = {"cpu": info.name, "bf16": info.bf16, "threads": args.threads, "torch": torch.__version__, "sizes": {}}
+    for size in (int(s) for s in args.sizes.split(",")):
+        r = unet_ab(size // 8, args.rounds)
+        rows = layer_table(r.pop("shapes"))
+        plain_sum = sum(x["plain_ms"] * x["count"] for x in rows)
+        packed_sum = sum(x["packed_ms"] * x["count"] for x in rows)
+        print(f"\n{size}² ({size // 8}² latent), batch 2, fp32: each conv shape alone (median ms)")
+        print("| in → out | k / stride | spatial | calls | plain | packed | × |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for x in rows:
+            print(f"| {x['in']} → {x['out']} | {x['k']}×{x['k']} / {x['stride']} | {x['hw']}² | {x['count']} | "
+                  f"{x['plain_ms']:.1f} | {x['packed_ms']:.1f} | {x['plain_ms'] / x['packed_ms']:.2f} |")
+        print(f"| all, × calls | | | | {plain_sum:.0f} | {packed_sum:.0f} | {plain_sum / packed_sum:.2f} |")
+        print(f"whole UNet call, alternated, {args.rounds} rounds: plain {r['median_s']['plain']:.3f} s, packed "
+              f"{r['median_s']['packed']:.3f} s → {r['speedup']:.2f}× ({r['packed_layers']} layers packed; "
+              f"max rel diff {r['max_rel_diff']:.1e})")
+        out["sizes"][size] = r | {"layers": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Convolution weights packed into oneDNN's blocked layout once per input shape, not once per call (CPU).
+
+Eager `F.conv2d` on a CPU hands oneDNN the weight in torch's plain layout (OIHW, or OHWI for channels_last),
+and oneDNN reorders it into the blocked layout its kernel reads on every call. On a large feature map the
+reorder hides behind the arithmetic; on SD's deep levels it does not. 3×3 convolutions, batch 2, fp32, 2
+threads of an AVX2 EPYC (benchmarks/prepacked_conv.py): 1280→1280 at 4×4 (the deepest level of a 256²
+image) 36.7 ms with the channels_last weight against 7.7 ms packed, 1920→1280 at 8×8 75.4 vs 31.5 ms; at
+32×32 and larger the two are level. Inductor's freezing pass does the same for compiled graphs (weights
+folded, then `mkldnn._reorder_convolution_weight` with the traced input's shape).
+
+The layout oneDNN picks depends on the whole input shape, batch included: a weight packed for another shape
+is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms) as
+oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its first call and again
+whenever the input shape changes (from the packed weight: `to_dense` + repack, one layer at a time), and
+holds only the packed weight in between: no extra memory, and a run at one resolution and batch (every step
+of a generation) pays the packing once. Inference only. The state dict still holds the plain weight (unpacked
+when asked for), so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends
+(Winograd, Triton) do not reach packed layers: `fastldm.load` leaves the convolutions plain when one is forced,
+and the ablation packs in a row of its own.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+@functools.cache
+def unsupported(dtype: torch.dtype) -> str | None:
+    """Why weights of `dtype` cannot be prepacked on this CPU, or None. oneDNN packs fp32 everywhere it is
+    built in; bf16 only where the CPU has the instructions for it (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return "this torch build has no oneDNN convolution (torch.ops.mkldnn._convolution_pointwise)"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN packs fp32 and bf16 convolution weights, not {dtype}"
+    try:  # a 8×8 1×1 weight: the cheapest question oneDNN answers for this CPU and dtype
+        torch.ops.mkldnn._reorder_convolution_weight(torch.zeros(8, 8, 1, 1, dtype=dtype), [0, 0], [1, 1], [1, 1],
+                                                     1, None)
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+class PackedConv2d(nn.Module):
+    """An nn.Conv2d (groups 1) whose weight lives in oneDNN's blocked layout for the last input shape it met.
+    Takes and returns (B, C, H, W) in the weight's dtype; the output is channels_last, as oneDNN writes it."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        # Buffers, so memory accounting counts them; the state dict is written by hand below.
+        self.register_buffer("weight", conv.weight.detach(), persistent=False)  # plain until the first call
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach(), persistent=False)
+        self.packed_for: tuple[int, ...] | None = None  # the input shape `weight` is packed for
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.packed_for != tuple(x.shape):
+            self._pack(tuple(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
+
+    def _pack(self, shape: tuple[int, ...]) -> None:
+        plain = self.weight if self.packed_for is None else self.weight.to_dense()  # (out, in, k, k)
+        self.weight = torch.ops.mkldnn._reorder_convolution_weight(plain, self.padding, self.stride, self.dilation,
+                                                                   1, list(shape))
+        self.packed_for = shape
+
+    # The state dict holds the plain weight (OIHW), as an nn.Conv2d's would: exports and copies of a loaded
+    # pipeline see the model, not the CPU's layout.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.to_dense() if self.weight.is_mkldnn else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("weight", "bias") if self.bias is not None else ("weight",):
+            if prefix + name not in state_dict:
+                missing_keys.append(prefix + name)
+        if prefix + "weight" in state_dict:
+            self.weight, self.packed_for = state_dict[prefix + "weight"].detach().clone(), None  # packed at next call
+        if self.bias is not None and prefix + "bias" in state_dict:
+            self.bias = state_dict[prefix + "bias"].detach().clone()
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, stride={tuple(self.stride)}, "
+                f"padding={tuple(self.padding)}, {self.weight.dtype}, packed for {self.packed_for}")
+
+
+def prepack_convs(model: nn.Module) -> int:
+    """Swap, in place, every Conv2d (groups 1) of `model` for a PackedConv2d holding the same weight tensor
+    (packed at its first call); returns how many. The caller checks `unsupported(dtype)` first."""
+    n = 0
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    for name in names:  # names only: a list of modules would keep the plain weights alive
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, PackedConv2d(model.get_submodule(name)))
+        n += 1
+    return n

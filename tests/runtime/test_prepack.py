@@ -1,0 +1,134 @@
+"""Convolutions with oneDNN-packed weights (runtime/prepack.py) against F.conv2d, and where load packs them.
+
+Tolerance: oneDNN runs the same fp32 convolution either way, only the weight's layout differs, so the sums may
+be ordered differently: relative 1e-5 of the output's range (fp32 round-off over ≤ 1,152 products is ~1e-6)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_
+from torch import nn
+
+from fastldm import load
+from fastldm.runtime import optimize, prepack
+from fastldm.testing import rel_err, save_random_folder
+
+from .test_optimize import tiny_unet, unet_inputs
+
+pytestmark = pytest.mark.skipif(prepack.unsupported(torch.float32) is not None,
+                                reason=f"{prepack.unsupported(torch.float32)}")
+TOL = 1e-5
+
+
+def conv(cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, bias: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Conv2d(cin, cout, k, stride, padding, bias=bias).requires_grad_(False)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,padding,bias,hw", [
+    (64, 64, 3, 1, 1, True, 8),      # SD's 3×3 resnet conv
+    (32, 64, 1, 1, 0, True, 8),      # a 1×1 shortcut / proj_in
+    (64, 64, 3, 2, 1, True, 9),      # a stride-2 downsample, odd side
+    (4, 32, 3, 1, 1, True, 5),       # conv_in: 4 channels, padded to oneDNN's block inside the packing
+    (32, 4, 3, 1, 1, False, 6),      # conv_out-like, no bias
+])
+def test_packed_conv_matches_f_conv2d(cin, cout, k, stride, padding, bias, hw):
+    layer = conv(cin, cout, k, stride, padding, bias, seed=cin + cout)
+    packed = prepack.PackedConv2d(layer)
+    x = torch.randn(2, cin, hw, hw)
+    with torch.inference_mode():
+        ref = F.conv2d(x, layer.weight, layer.bias, stride, padding)
+        out = packed(x)                                   # NCHW in: packed takes any layout
+        out_cl = packed(x.to(memory_format=torch.channels_last))
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < TOL and rel_err(out_cl, ref) < TOL
+    assert packed.weight.is_mkldnn and packed.packed_for == tuple(x.shape)
+
+
+def test_repacks_when_the_input_shape_changes():
+    """A weight packed for one shape is repacked (from the packed copy) for the next; answers stay right."""
+    layer = conv(64, 64, 3, padding=1, seed=3)
+    packed = prepack.PackedConv2d(layer)
+    with torch.inference_mode():
+        for shape in [(2, 64, 16, 16), (1, 64, 4, 4), (2, 64, 16, 16), (3, 64, 7, 5)]:
+            x = torch.randn(shape)
+            assert rel_err(packed(x), F.conv2d(x, layer.weight, layer.bias, 1, 1)) < TOL
+            assert packed.packed_for == shape
+    # Packing swaps the tensor the module holds; the plain nn.Conv2d it came from keeps its own.
+    assert not layer.weight.is_mkldnn
+
+
+def test_prepacked_unet_matches_and_holds_no_extra_weights():
+    plain, packed = tiny_unet(), tiny_unet()
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in plain.modules())
+    bytes_before = sum(t.numel() * t.element_size() for t in (*packed.parameters(), *packed.buffers()))
+    assert prepack.prepack_convs(packed) == n_convs
+    assert not any(isinstance(m, nn.Conv2d) for m in packed.modules())
+    x, t, ctx = unet_inputs(seed=5)
+    with torch.inference_mode():
+        ref = plain(x, t, ctx)
+        out = packed(x, t, ctx)
+    assert rel_err(out, ref) < TOL
+    # the packed weights replace the plain ones: the module's bytes (as memory accounting counts them) stay put
+    assert sum(t.numel() * t.element_size() for t in (*packed.parameters(), *packed.buffers())) == bytes_before
+    assert packed.state_dict().keys() <= plain.state_dict().keys()  # opaque packed tensors are not exported
+
+
+def test_optimize_packs_float_unets_on_cpu_only():
+    cpu = torch.device("cpu")
+    kinds = lambda m: {type(c).__name__ for c in m.modules()}
+    mods = optimize.optimize({"unet": tiny_unet()}, cpu)
+    assert "PackedConv2d" in kinds(mods["unet"]) and "Conv2d" not in kinds(mods["unet"])
+    assert "Conv2d" in kinds(optimize.optimize({"unet": tiny_unet()}, cpu, pack=False)["unet"])
+    vae = nn.Sequential(nn.Conv2d(3, 8, 3))
+    assert isinstance(optimize.optimize({"vae": vae}, cpu)["vae"][0], nn.Conv2d)  # the UNet only
+    half = optimize.optimize({"unet": tiny_unet(torch.float16)}, cpu)["unet"]   # fp16: oneDNN does not pack it
+    assert "PackedConv2d" not in kinds(half)
+    assert optimize.packable(mods["unet"]) is False   # already packed: nothing left to pack
+
+
+def test_unsupported_names_the_reason():
+    assert prepack.unsupported(torch.float32) is None
+    assert "float16" in prepack.unsupported(torch.float16)
+
+
+def test_load_packs_the_unet_and_memory_low_does_not(tmp_path):
+    """fastldm.load packs the UNet of a float CPU pipeline; a memory plan that stores weights in 16 bits and
+    widens them per call keeps them plain; the images agree with the unpacked pipeline's."""
+    save_random_folder("tiny:sd1", tmp_path / "m", dtype=torch.float32)
+    fast = load(tmp_path / "m", dtype="fp32")
+    assert any(isinstance(m, prepack.PackedConv2d) for m in fast.unet.modules())
+    low = load(tmp_path / "m", dtype="fp32", memory="low")
+    low.acquire("unet")
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in low.unet.modules())
+    kw = {"prompt": "a red cube", "steps": 3, "width": 64, "height": 64, "seed": 7}
+    a = fast.generate(**kw).images[0]
+    b = low.generate(**kw).images[0]
+    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    assert diff.max() <= 2  # fp16-stored weights vs fp32: a couple of levels at most on a tiny model
+
+
+def test_forcing_a_conv2d_backend_keeps_plain_layers(tmp_path):
+    """A forced conv2d backend must reach the convolutions, so load leaves them plain."""
+    save_random_folder("tiny:sd1", tmp_path / "m", dtype=torch.float32)
+    plain = load(tmp_path / "m", dtype="fp32", backends={"conv2d": "reference"})
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in plain.unet.modules())
+
+
+def test_state_dict_holds_the_plain_weights():
+    """Exports of a loaded pipeline are unchanged by packing: the state dict unpacks; loading one repacks."""
+    plain, packed = tiny_unet(), tiny_unet()
+    prepack.prepack_convs(packed)
+    x, t, ctx = unet_inputs(seed=2)
+    with torch.inference_mode():
+        packed(x, t, ctx)  # packs every layer
+    ref, sd = plain.state_dict(), packed.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    other = tiny_unet()
+    prepack.prepack_convs(other)
+    source = randomize_(tiny_unet(), seed=9, std=0.1)
+    other.load_state_dict(source.state_dict())
+    with torch.inference_mode():
+        assert rel_err(other(x, t, ctx), source(x, t, ctx)) < TOL
