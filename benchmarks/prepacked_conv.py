@@ -10,7 +10,9 @@ freed blocks: without that, the per-call reorder buffer of a big weight is mmapp
 every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded random weights, one
 prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine
 (runtime/tuning.py);
-per-round times, their medians, the ratio, and the outputs' max relative difference.
+per-round times, their medians, the ratio, and the outputs' max relative difference; the first call of each
+(the packed one packs there) and two batch-1 calls after the rounds (a changed shape: the packed layers go back
+to their plain weights once, then run as plain ones).
 """
 from __future__ import annotations
 
@@ -81,17 +83,25 @@ def unet_ab(latent: int, rounds: int) -> dict:
     shapes = conv_shapes(plain, inputs)
     times = {"plain": [], "packed": []}
     kernels = ops.Kernels(preferred=choose(PRESETS["sd1"]).preferred())
+    single = {k: v[:1] for k, v in inputs.items()}  # batch 1: what an unguided call, or a shrunk batch, sends
+
+    def timed(unet, args) -> float:
+        t0 = time.perf_counter()
+        unet(**args)
+        return time.perf_counter() - t0
     with torch.inference_mode(), ops.using(kernels):
-        a, b = plain(**inputs), packed(**inputs)   # warm-up; the packed UNet packs here
-        err = ((a - b).abs().max() / a.abs().max()).item()
+        first = {"plain": timed(plain, inputs), "packed": timed(packed, inputs)}  # the packed UNet packs here
+        err = ((plain(**inputs) - packed(**inputs)).abs().max() / plain(**inputs).abs().max()).item()
         for _ in range(rounds):
             for name, unet in (("plain", plain), ("packed", packed)):
-                t0 = time.perf_counter()
-                unet(**inputs)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(unet, inputs))
+        # a change of batch: the packed layers go back to their plain weights (a one-off), then run plain
+        change = {name: [timed(unet, single), timed(unet, single)] for name, unet in (("plain", plain),
+                                                                                     ("packed", packed))}
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"latent": latent, "packed_layers": n, "seconds": times, "median_s": med,
-            "speedup": med["plain"] / med["packed"], "max_rel_diff": err, "shapes": shapes}
+    return {"latent": latent, "packed_layers": n, "seconds": times, "median_s": med, "first_call_s": first,
+            "batch_change_s": change, "speedup": med["plain"] / med["packed"], "max_rel_diff": err,
+            "shapes": shapes}
 
 
 def main() -> None:
@@ -121,6 +131,10 @@ def main() -> None:
         print(f"whole UNet call, alternated, {args.rounds} rounds: plain {r['median_s']['plain']:.3f} s, packed "
               f"{r['median_s']['packed']:.3f} s → {r['speedup']:.2f}× ({r['packed_layers']} layers packed; "
               f"max rel diff {r['max_rel_diff']:.1e})")
+        f, c = r["first_call_s"], r["batch_change_s"]
+        print(f"first call (the packed UNet packs): plain {f['plain']:.3f} s, packed {f['packed']:.3f} s; then batch 1 "
+              f"twice (packed layers go back to plain weights): plain {c['plain'][0]:.3f}, {c['plain'][1]:.3f} s, "
+              f"packed {c['packed'][0]:.3f}, {c['packed'][1]:.3f} s")
         out["sizes"][size] = r | {"layers": rows}
     if args.json:
         with open(args.json, "w") as f:

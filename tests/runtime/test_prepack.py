@@ -47,15 +47,25 @@ def test_packed_conv_matches_f_conv2d(cin, cout, k, stride, padding, bias, hw):
     assert packed.weight.is_mkldnn and packed.packed_for == tuple(x.shape)
 
 
-def test_repacks_when_the_input_shape_changes():
-    """A weight packed for one shape is repacked (from the packed copy) for the next; answers stay right."""
+def test_a_new_shape_runs_plain_until_it_stays(monkeypatch):
+    """Packed at the first call's shape; another shape goes back to the plain weight; a shape met REPACK_AFTER
+    calls in a row is packed for. Every answer stays right."""
+    monkeypatch.setattr(prepack, "REPACK_AFTER", 3)
     layer = conv(64, 64, 3, padding=1, seed=3)
     packed = prepack.PackedConv2d(layer)
+    expect = [((2, 64, 16, 16), (2, 64, 16, 16)),  # (input shape, what the weight is packed for afterwards)
+              ((2, 64, 16, 16), (2, 64, 16, 16)),
+              ((1, 64, 4, 4), None),                # another shape: plain again
+              ((2, 64, 16, 16), None),              # the first shape is not special
+              ((1, 64, 4, 4), None), ((1, 64, 4, 4), None),
+              ((1, 64, 4, 4), (1, 64, 4, 4)),       # third call in a row: packed for it
+              ((3, 64, 7, 5), None)]
     with torch.inference_mode():
-        for shape in [(2, 64, 16, 16), (1, 64, 4, 4), (2, 64, 16, 16), (3, 64, 7, 5)]:
+        for shape, after in expect:
             x = torch.randn(shape)
             assert rel_err(packed(x), F.conv2d(x, layer.weight, layer.bias, 1, 1)) < TOL
-            assert packed.packed_for == shape
+            assert packed.packed_for == after and packed.weight.is_mkldnn == (after is not None)
+    assert packed.packs == 2
     # Packing swaps the tensor the module holds; the plain nn.Conv2d it came from keeps its own.
     assert not layer.weight.is_mkldnn
 

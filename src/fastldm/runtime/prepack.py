@@ -10,10 +10,13 @@ folded, then `mkldnn._reorder_convolution_weight` with the traced input's shape)
 
 The layout oneDNN picks depends on the whole input shape, batch included: a weight packed for another shape
 is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms) as
-oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its first call and again
-whenever the input shape changes (from the packed weight: `to_dense` + repack, one layer at a time), and
-holds only the packed weight in between: no extra memory, and a run at one resolution and batch (every step
-of a generation) pays the packing once. Inference only. The state dict still holds the plain weight (unpacked
+oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its first call, for that
+call's shape, and holds only the packed weight: no extra memory, and a run at one resolution and batch (every
+step of a generation) pays the packing once. At another shape it goes back to the plain weight and runs as an
+unpacked layer, and packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation):
+a server whose batch changes every few steps runs plain, as before packing existed, instead of paying a
+repack (about one extra plain call for SD 1.5) at every change. Each swap hands the dropped weight's pages
+back to the system (`release_free_memory`; 0.5 s over SD 1.5's 98 layers). Inference only. The state dict still holds the plain weight (unpacked
 when asked for), so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends
 (Winograd, Triton) do not reach packed layers: `fastldm.load` leaves the convolutions plain when one is forced,
 and the ablation packs in a row of its own.
@@ -23,7 +26,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .device import release_free_memory
+
+
+REPACK_AFTER = 20  # calls in a row at one input shape before a layer that left its packing packs again
 
 
 @functools.cache
@@ -53,20 +62,34 @@ class PackedConv2d(nn.Module):
         # Buffers, so memory accounting counts them; the state dict is written by hand below.
         self.register_buffer("weight", conv.weight.detach(), persistent=False)  # plain until the first call
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach(), persistent=False)
-        self.packed_for: tuple[int, ...] | None = None  # the input shape `weight` is packed for
+        self.packed_for: tuple[int, ...] | None = None  # the input shape `weight` is packed for; None: plain
+        self.last: tuple[int, ...] | None = None        # the last input shape, and how many calls in a row had it
+        self.streak = 0
+        self.packs = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.packed_for != tuple(x.shape):
-            self._pack(tuple(x.shape))
+        shape = tuple(x.shape)
+        if shape != self.packed_for:
+            self.streak = self.streak + 1 if shape == self.last else 1
+            self.last = shape
+            if self.packed_for is not None:  # packed for another shape: back to the plain weight
+                # (out, in, k, k) in the layout load gave it: F.conv2d reorders an OIHW weight more slowly
+                self._hold(self.weight.to_dense().contiguous(memory_format=torch.channels_last), None)
+            if not self.packs or self.streak >= REPACK_AFTER:
+                self._hold(torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight, self.padding, self.stride, self.dilation, 1, list(shape)), shape)
+                self.packs += 1
+            else:
+                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
 
-    def _pack(self, shape: tuple[int, ...]) -> None:
-        plain = self.weight if self.packed_for is None else self.weight.to_dense()  # (out, in, k, k)
-        self.weight = torch.ops.mkldnn._reorder_convolution_weight(plain, self.padding, self.stride, self.dilation,
-                                                                   1, list(shape))
-        self.packed_for = shape
+    def _hold(self, weight: torch.Tensor, packed_for: tuple[int, ...] | None) -> None:
+        self.weight, self.packed_for = weight, packed_for
+        # The weight just dropped was freed inside malloc's heap, where it would stay resident, and the next
+        # layers' new copies rarely fit its hole: a first 256² call grew the RSS by 1.4 GB (SD 1.5, fp32).
+        release_free_memory()
 
     # The state dict holds the plain weight (OIHW), as an nn.Conv2d's would: exports and copies of a loaded
     # pipeline see the model, not the CPU's layout.
