@@ -142,3 +142,4 @@ def test_state_dict_holds_the_plain_weights():
     other.load_state_dict(source.state_dict())
     with torch.inference_mode():
         assert rel_err(other(x, t, ctx), source(x, t, ctx)) < TOL
+    assert other.conv_in.packed_for == tuple(x.shape)  # a loaded state is packed again at its first call

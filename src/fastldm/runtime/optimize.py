@@ -4,7 +4,7 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
 - UNet and VAE in channels_last memory: oneDNN's convolutions run natively in NHWC, and the GroupNorm /
   elementwise ops between them then need no layout conversions (a bf16 3×3 conv: 1.5× faster than NCHW);
 - the UNet's convolution weights prepacked into oneDNN's blocked layout (runtime/prepack.py; a 256² UNet call
-  1.11× faster, 512² 1.04×), where its weights are fp32 or native bf16 and held in that dtype;
+  1.08-1.09× faster, 512² 1.01-1.02×), where its weights are fp32 or native bf16 and held in that dtype;
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them

@@ -2,24 +2,25 @@
 
 Eager `F.conv2d` on a CPU hands oneDNN the weight in torch's plain layout (OIHW, or OHWI for channels_last),
 and oneDNN reorders it into the blocked layout its kernel reads on every call. On a large feature map the
-reorder hides behind the arithmetic; on SD's deep levels it does not. 3×3 convolutions, batch 2, fp32, 2
-threads of an AVX2 EPYC (benchmarks/prepacked_conv.py): 1280→1280 at 4×4 (the deepest level of a 256²
-image) 36.7 ms with the channels_last weight against 7.7 ms packed, 1920→1280 at 8×8 75.4 vs 31.5 ms; at
-32×32 and larger the two are level. Inductor's freezing pass does the same for compiled graphs (weights
-folded, then `mkldnn._reorder_convolution_weight` with the traced input's shape).
+reorder hides behind the arithmetic; on SD's deep levels it does not. SD 1.5's 3×3 convolutions, batch 2,
+fp32, 2 threads of an AVX2 EPYC (benchmarks/prepacked_conv.py): 1280→1280 at 4×4 (the deepest level of a
+256² image) 10.4 ms plain against 6.2 ms packed, 2560→1280 at 4×4 22.6 vs 12.9 ms; at 32×32 and larger the
+two are level; a whole 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×. Inductor's freezing pass does the
+same for compiled graphs (weights folded, then `mkldnn._reorder_convolution_weight` for the traced shape).
 
 The layout oneDNN picks depends on the whole input shape, batch included: a weight packed for another shape
-is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms) as
-oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its first call, for that
-call's shape, and holds only the packed weight: no extra memory, and a run at one resolution and batch (every
-step of a generation) pays the packing once. At another shape it goes back to the plain weight and runs as an
-unpacked layer, and packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation):
-a server whose batch changes every few steps runs plain, as before packing existed, instead of paying a
-repack (about one extra plain call for SD 1.5) at every change. Each swap hands the dropped weight's pages
-back to the system (`release_free_memory`; 0.5 s over SD 1.5's 98 layers). Inference only. The state dict still holds the plain weight (unpacked
-when asked for), so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends
-(Winograd, Triton) do not reach packed layers: `fastldm.load` leaves the convolutions plain when one is forced,
-and the ablation packs in a row of its own.
+is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms
+against 31.5) as oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its
+first call, for that call's shape, and holds only the packed weight: no extra memory, and a run at one
+resolution and batch (every step of a generation) pays the packing once (+1.8 s on a first 256² SD 1.5 call).
+At another shape it goes back to the plain weight (+3.3 s once, at 256²) and runs as an unpacked layer, and
+packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation): a server whose
+batch changes every few steps runs plain, as before packing existed, instead of paying at every change. Each
+swap hands the dropped weight's pages back to the system (`release_free_memory`): freed inside malloc's heap
+they would stay resident. Inference only. The state dict holds the plain weight (unpacked when asked for),
+so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends (Winograd, Triton) do not
+reach packed layers: `fastldm.load` leaves the convolutions plain when one is forced, and the ablation packs
+in a row of its own.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import release_free_memory
-
 
 REPACK_AFTER = 20  # calls in a row at one input shape before a layer that left its packing packs again
 
@@ -103,8 +103,9 @@ class PackedConv2d(nn.Module):
         for name in ("weight", "bias") if self.bias is not None else ("weight",):
             if prefix + name not in state_dict:
                 missing_keys.append(prefix + name)
-        if prefix + "weight" in state_dict:
-            self.weight, self.packed_for = state_dict[prefix + "weight"].detach().clone(), None  # packed at next call
+        if prefix + "weight" in state_dict:  # a new plain weight, packed at the next call as a fresh layer's
+            self.weight, self.packed_for = state_dict[prefix + "weight"].detach().clone(), None
+            self.packs = self.streak = 0
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = state_dict[prefix + "bias"].detach().clone()
 
