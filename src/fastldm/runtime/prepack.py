@@ -15,9 +15,9 @@ first call, for that call's shape, and holds only the packed weight: no extra me
 resolution and batch (every step of a generation) pays the packing once (+1.8 s on a first 256² SD 1.5 call).
 At another shape it goes back to the plain weight (+3.3 s once, at 256²) and runs as an unpacked layer, and
 packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation): a server whose
-batch changes every few steps runs plain, as before packing existed, instead of paying at every change. Each
-swap hands the dropped weight's pages back to the system (`release_free_memory`): freed inside malloc's heap
-they would stay resident. Inference only. The state dict holds the plain weight (unpacked when asked for),
+batch changes every few steps runs plain, as before packing existed, instead of paying at every change. A
+swap hands a dropped weight of TRIM_BYTES or more back to the system (`release_free_memory`): freed inside
+malloc's heap it would stay resident. Inference only. The state dict holds the plain weight (unpacked when asked for),
 so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends (Winograd, Triton) do not
 reach packed layers: `fastldm.load` leaves the convolutions plain when one is forced, and the ablation packs
 in a row of its own.
@@ -33,6 +33,7 @@ from torch import nn
 from .device import release_free_memory
 
 REPACK_AFTER = 20  # calls in a row at one input shape before a layer that left its packing packs again
+TRIM_BYTES = 4 << 20  # a dropped weight at least this big is handed back to the system at once
 
 
 @functools.cache
@@ -86,10 +87,13 @@ class PackedConv2d(nn.Module):
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
 
     def _hold(self, weight: torch.Tensor, packed_for: tuple[int, ...] | None) -> None:
+        dropped = self.weight.numel() * self.weight.element_size()
         self.weight, self.packed_for = weight, packed_for
         # The weight just dropped was freed inside malloc's heap, where it would stay resident, and the next
-        # layers' new copies rarely fit its hole: a first 256² call grew the RSS by 1.4 GB (SD 1.5, fp32).
-        release_free_memory()
+        # layers' new copies rarely fit its hole: a first 256² call grew the RSS by 1.4 GB (SD 1.5, fp32). A trim
+        # walks the whole heap, so small weights are left to malloc (the embedded model's first image: +0.2 s).
+        if dropped >= TRIM_BYTES:
+            release_free_memory()
 
     # The state dict holds the plain weight (OIHW), as an nn.Conv2d's would: exports and copies of a loaded
     # pipeline see the model, not the CPU's layout.
