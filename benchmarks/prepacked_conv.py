@@ -7,8 +7,8 @@ Layers: every distinct (in, out, kernel, stride, spatial) convolution of SD 1.5'
 2 (CFG), fp32 channels_last (fastldm's CPU layout), median of 7 calls each, with the summed time per UNet call
 (each shape times its count). The process is set up as the CLI's (threads, and glibc's malloc keeping large
 freed blocks: without that, the per-call reorder buffer of a big weight is mmapped and page-faulted afresh at
-every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded random weights, one
-prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine
+every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded
+random weights, one prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine
 (runtime/tuning.py);
 per-round times, their medians, the ratio, and the outputs' max relative difference; the first call of each
 (the packed one packs there) and two batch-1 calls after the rounds (a changed shape: the packed layers go back

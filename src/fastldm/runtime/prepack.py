@@ -12,8 +12,8 @@ The layout oneDNN picks depends on the whole input shape, batch included: a weig
 is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms
 against 31.5) as oneDNN reorders it back or falls to a slower algorithm. So a `PackedConv2d` packs at its
 first call, for that call's shape, and holds only the packed weight: no extra memory, and a run at one
-resolution and batch (every step of a generation) pays the packing once (+1.8 s on a first 256² SD 1.5 call).
-At another shape it goes back to the plain weight (+3.3 s once, at 256²) and runs as an unpacked layer, and
+resolution and batch (every step of a generation) pays the packing once (+1.2 s on a first 256² SD 1.5 call).
+At another shape it goes back to the plain weight (+3.0 s once, at 256²) and runs as an unpacked layer, and
 packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation): a server whose
 batch changes every few steps runs plain, as before packing existed, instead of paying at every change. A
 swap hands a dropped weight of TRIM_BYTES or more back to the system (`release_free_memory`): freed inside
