@@ -70,6 +70,45 @@ def test_a_new_shape_runs_plain_until_it_stays(monkeypatch):
     assert not layer.weight.is_mkldnn
 
 
+def test_threads_sharing_a_layer_at_different_shapes(monkeypatch):
+    """A pipeline is shared by threads (the kernel choice is a context variable, so two requests may run one
+    UNet at once): calls at different shapes swap the layer's weight under each other. Each call must go on with
+    the tensor it read — a plain weight handed to the packed kernel is slow but right; a packed one handed to
+    F.conv2d would raise. REPACK_AFTER 2 makes the layer pack and unpack often; a short switch interval makes
+    the threads interleave between the bytecodes of one call."""
+    import sys
+    import threading
+    monkeypatch.setattr(prepack, "REPACK_AFTER", 2)
+    interval = sys.getswitchinterval()
+    layer = conv(32, 32, 3, padding=1, seed=11)
+    packed = prepack.PackedConv2d(layer)
+    shapes = [(2, 32, 8, 8), (1, 32, 5, 7), (3, 32, 6, 6)]
+    inputs = {s: torch.randn(s) for s in shapes}
+    refs = {s: F.conv2d(x, layer.weight, layer.bias, 1, 1) for s, x in inputs.items()}
+    errors, worst = [], []
+    start = threading.Barrier(2 * len(shapes))
+
+    def run(shape):
+        try:
+            start.wait()
+            with torch.inference_mode():
+                worst.append(max(rel_err(packed(inputs[shape]), refs[shape]) for _ in range(200)))
+        except Exception as e:  # noqa: BLE001 - reported below with the thread's shape
+            errors.append(f"{shape}: {e!r}")
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in shapes * 2]
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(worst) == 2 * len(shapes) and max(worst) < TOL
+    assert packed.packs > len(shapes)  # the threads did swap the weight under each other
+
+
 def test_prepacked_unet_matches_and_holds_no_extra_weights():
     plain, packed = tiny_unet(), tiny_unet()
     n_convs = sum(isinstance(m, nn.Conv2d) for m in plain.modules())

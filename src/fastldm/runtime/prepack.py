@@ -63,37 +63,57 @@ class PackedConv2d(nn.Module):
         # Buffers, so memory accounting counts them; the state dict is written by hand below.
         self.register_buffer("weight", conv.weight.detach(), persistent=False)  # plain until the first call
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach(), persistent=False)
-        self.packed_for: tuple[int, ...] | None = None  # the input shape `weight` is packed for; None: plain
-        self.last: tuple[int, ...] | None = None        # the last input shape, and how many calls in a row had it
+        # (the packed weight, the input shape it is packed for), or None while the weight is plain. A pair
+        # counts only while its tensor *is* `weight`: a weight swapped in by anything else reads as plain.
+        self._packing: tuple[torch.Tensor, tuple[int, ...]] | None = None
+        self.last: tuple[int, ...] | None = None  # the last input shape, and how many calls in a row had it
         self.streak = 0
         self.packs = 0
+
+    @property
+    def packed_for(self) -> tuple[int, ...] | None:
+        """The input shape the weight is packed for; None while it is plain."""
+        packing = self._packing
+        return packing[1] if packing is not None and packing[0] is self.weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         shape = tuple(x.shape)
-        if shape != self.packed_for:
-            self.streak = self.streak + 1 if shape == self.last else 1
-            self.last = shape
-            if self.packed_for is not None:  # packed for another shape: back to the plain weight
-                # (out, in, k, k) in the layout load gave it: F.conv2d reorders an OIHW weight more slowly
-                self._hold(self.weight.to_dense().contiguous(memory_format=torch.channels_last), None)
-            if not self.packs or self.streak >= REPACK_AFTER:
-                self._hold(torch.ops.mkldnn._reorder_convolution_weight(
-                    self.weight, self.padding, self.stride, self.dilation, 1, list(shape)), shape)
-                self.packs += 1
-            else:
-                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        # One read of each: other threads calling this layer at other shapes may swap both meanwhile, and this
+        # call goes on with the tensor it read (a mismatched pair only sends it down the slow path below).
+        weight, packing = self.weight, self._packing
+        if packing is None or packing[0] is not weight or packing[1] != shape:
+            del packing
+            weight, dropped = self._swap(weight, shape)
+            # The weight just dropped (its last reference went with `_swap`'s frame) was freed inside malloc's
+            # heap, where it would stay resident, and the next layers' new copies rarely fit its hole: a first
+            # 256² call grew the RSS by 1.4 GB (SD 1.5, fp32). A trim walks the whole heap, so small weights are
+            # left to malloc (the embedded model's first image: +0.2 s).
+            if dropped >= TRIM_BYTES:
+                release_free_memory()
+            if not weight.is_mkldnn:
+                return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
+            x, weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
 
-    def _hold(self, weight: torch.Tensor, packed_for: tuple[int, ...] | None) -> None:
-        dropped = self.weight.numel() * self.weight.element_size()
-        self.weight, self.packed_for = weight, packed_for
-        # The weight just dropped was freed inside malloc's heap, where it would stay resident, and the next
-        # layers' new copies rarely fit its hole: a first 256² call grew the RSS by 1.4 GB (SD 1.5, fp32). A trim
-        # walks the whole heap, so small weights are left to malloc (the embedded model's first image: +0.2 s).
-        if dropped >= TRIM_BYTES:
-            release_free_memory()
+    def _swap(self, weight: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        """The weight for a call at `shape` that `weight` is not packed for: packed for it (the layer's first
+        call, or REPACK_AFTER calls in a row at it), else plain. Holds it; returns it and the bytes dropped."""
+        self.streak = self.streak + 1 if shape == self.last else 1
+        self.last = shape
+        # (out, in, k, k) in the layout load gave it: F.conv2d reorders an OIHW weight more slowly
+        plain = weight.to_dense().contiguous(memory_format=torch.channels_last) if weight.is_mkldnn else weight
+        if self.packs and self.streak < REPACK_AFTER:
+            new, packing = plain, None
+        else:
+            new = torch.ops.mkldnn._reorder_convolution_weight(plain, self.padding, self.stride, self.dilation, 1,
+                                                               list(shape))
+            packing = (new, shape)
+            self.packs += 1
+        if new is weight:
+            return new, 0
+        self.weight, self._packing = new, packing
+        return new, weight.numel() * weight.element_size()
 
     # The state dict holds the plain weight (OIHW), as an nn.Conv2d's would: exports and copies of a loaded
     # pipeline see the model, not the CPU's layout.
@@ -108,7 +128,7 @@ class PackedConv2d(nn.Module):
             if prefix + name not in state_dict:
                 missing_keys.append(prefix + name)
         if prefix + "weight" in state_dict:  # a new plain weight, packed at the next call as a fresh layer's
-            self.weight, self.packed_for = state_dict[prefix + "weight"].detach().clone(), None
+            self.weight, self._packing = state_dict[prefix + "weight"].detach().clone(), None
             self.packs = self.streak = 0
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = state_dict[prefix + "bias"].detach().clone()
