@@ -59,9 +59,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     torch.compile (default off); quant: "int8" for int8 weights and activations in the UNet (CPU);
     cuda_graphs: capture and replay the UNet call as a CUDA graph (CUDA only); backends: {op: backend} forced
     for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}; on a CPU the UNet's
-    convolutions run with oneDNN-packed weights (runtime/prepack.py) unless a conv2d backend is forced. tune: on a CPU
-    with no dtype given, pick the dtype and the attention kernel by measuring them on this model's shapes the
-    first time (seconds; cached on disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
+    convolutions run with oneDNN-packed weights (runtime/prepack.py) unless a conv2d backend is forced or tuning
+    measured packing slower. tune: on a CPU with no dtype given, pick the dtype, the attention kernel and whether
+    to pack convolution weights by measuring them on this model's shapes the first time (seconds; cached on
+    disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
 
     Memory (runtime/memory_plan.py): memory: "balanced" (default: today's speed; the VAE is tiled only when
     an image would not fit the machine), "fast" (never tiles) or "low" (the least memory: components loaded
@@ -105,7 +106,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         """Loaded components as they run: layout, int8 or packed convolutions (runtime/optimize.py), 16-bit
         widening."""
         optimize(found, device, quant=None if while_reading else quant, dtype=compute,
-                 pack=not while_reading and "unet" not in storage and "conv2d" not in kernels.forced)
+                 pack=not while_reading and "unet" not in storage and "conv2d" not in kernels.forced
+                 and (choice is None or choice.pack == "faster"))
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

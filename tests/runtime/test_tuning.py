@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fastldm
 from fastldm.cli import main
 from fastldm.families import PRESETS
 from fastldm.runtime import device, tuning
+from fastldm.runtime.prepack import PackedConv2d
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +68,23 @@ def test_fastest_attention_backend_wins(monkeypatch):
                                                                      "blocked"}
 
 
+@pytest.mark.skipif(tuning.unpackable(torch.float32) is not None, reason="no oneDNN packing here")
+@pytest.mark.parametrize("packed_ms,verdict", [(0.6, "faster"), (1.4, "slower")])
+def test_packing_is_measured_on_the_deepest_conv_and_load_follows_it(monkeypatch, packed_ms, verdict):
+    _fake_cpu(monkeypatch, {"avx2"})
+    calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0, "Conv2d float32": 1.0,
+                                      "PackedConv2d float32": packed_ms})
+    choice = tuning.measure(PRESETS["sd1"])
+    # SD 1.5's deepest level at its default 512²: 1,280 channels at 8×8 (64 / 2³), CFG batch 2.
+    assert choice.pack == verdict and choice.ms["conv 1280x8x8 packed"] == packed_ms
+    assert {"Conv2d float32", "PackedConv2d float32"} <= set(calls)
+    assert ("packed convs" in str(choice)) == (verdict == "faster")
+    assert tuning.conv_weights(choice).startswith("packed" if verdict == "faster" else "plain (packing measured")
+    monkeypatch.setattr(fastldm.api, "choose", lambda config: choice)
+    pipe = fastldm.load(fastldm.default_model())
+    assert any(isinstance(m, PackedConv2d) for m in pipe.unet.modules()) == (verdict == "faster")
+
+
 def test_choice_is_cached_per_machine_and_model(monkeypatch, cache):
     _fake_cpu(monkeypatch, {"avx2"})
     calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0})
@@ -87,6 +106,8 @@ def test_load_applies_and_reports_the_choice(tmp_path):
     pipe = fastldm.load(fastldm.default_model())
     choice = pipe.runtime_choice
     assert choice.dtype == "fp32"                     # a 64-channel model: too small for bf16 to pay
+    assert choice.pack in ("faster", "slower") or choice.pack.startswith("unavailable: ")
+    assert any(isinstance(m, PackedConv2d) for m in pipe.unet.modules()) == (choice.pack == "faster")
     assert pipe.kernels.preferred == choice.preferred()
     result = pipe.generate("a red cube", steps=2, seed=0)
     from fastldm.api import parameters_text
@@ -99,4 +120,4 @@ def test_info_runtime(tmp_path):
     res = CliRunner().invoke(main, ["info", str(fastldm.default_model()), "--runtime", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "family:          ldm3d-4c" in res.output and "attention:" in res.output and "threads:         1" \
-        in res.output
+        in res.output and "conv weights:" in res.output

@@ -12,6 +12,10 @@ candidates that matter on the model's real shapes, for a few seconds:
                 its default size, in the chosen dtype (and stays within 2 % of the reference's output)
     int8        whether oneDNN's int8 kernels exist here and how a quantized linear compares (reported; int8
                 changes the images, so it stays the user's choice)
+    conv pack   the UNet's deepest 3×3 convolution at its real shape (CFG batch 2, the default size), plain
+                against its weight packed for oneDNN (runtime/prepack.py): the deep levels are where packing
+                pays (1.7× at SD 1.5's 4² latents on an AVX2 EPYC) or does not, and `fastldm.load` packs only
+                where it measured faster
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
 CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
@@ -32,10 +36,11 @@ from ..config import ModelConfig
 from ..files import atomic_write_bytes
 from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
+from .prepack import PackedConv2d
 from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
 
-FORMAT = "fastldm-tuning-1"
+FORMAT = "fastldm-tuning-2"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -44,6 +49,7 @@ class RuntimeChoice:
     dtype: str                                   # "bf16" | "fp32"
     attention: str                               # the attention backend `auto` tries first in that dtype
     int8: str                                    # "faster" | "slower" | "unavailable: <why>"
+    pack: str = "unavailable: not measured"      # packed conv weights: "faster" | "slower" | "unavailable: <why>"
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -56,7 +62,7 @@ class RuntimeChoice:
         return {("attention", "cpu", self.torch_dtype): self.attention}
 
     def __str__(self) -> str:
-        return f"cpu {self.dtype}; attention {self.attention}"
+        return f"cpu {self.dtype}; attention {self.attention}" + ("; packed convs" if self.pack == "faster" else "")
 
 
 def cache_dir() -> Path:
@@ -74,9 +80,11 @@ def _shapes(config: ModelConfig) -> dict:
     first = next((i for i, c in enumerate(u.cross_attn) if c), 0)
     tokens = (latent // 2 ** first) ** 2
     width = u.block_out_channels[first]
+    deepest = len(u.block_out_channels) - 1
     return {"conv": (min(u.block_out_channels[level], 640), max(1, min(8, latent // 2 ** level))),
             "matmul": (min(tokens, 512), width),
-            "attention": (tokens, width // u.attention_heads[first])}
+            "attention": (tokens, width // u.attention_heads[first]),
+            "deep conv": (u.block_out_channels[deepest], max(1, latent // 2 ** deepest))}
 
 
 def _key(config: ModelConfig) -> str:
@@ -125,7 +133,9 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
         slower = ms["conv bf16"] + ms["matmul bf16"] > ms["conv fp32"] + ms["matmul fp32"]
         dtype = torch.float32 if slower else torch.bfloat16
     attention = _fastest_attention(shapes["attention"], dtype, ms, repeats, g)
-    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, _int8(shapes, ms, repeats, g),
+    int8 = _int8(shapes, ms, repeats, g)
+    pack = _packing(shapes["deep conv"], dtype, ms, repeats, g)
+    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack,
                          {k: round(v, 3) for k, v in ms.items()}, key)
 
 
@@ -162,10 +172,29 @@ def _int8(shapes: dict, ms: dict, repeats: int, g: torch.Generator) -> str:
     return "faster" if ms["linear int8"] < ms["linear fp32"] else "slower"
 
 
-def conv_weights(dtype: torch.dtype) -> str:
-    """How a float UNet's convolution weights are held on this CPU in `dtype` (runtime/prepack.py)."""
+def _packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
     why = unpackable(dtype)
-    return "packed for oneDNN once per input shape" if why is None else f"plain ({why})"
+    if why is not None:
+        return f"unavailable: {why}"
+    C, S = shape
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
+    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
+    conv.bias.zero_()
+    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    ms[f"conv {C}x{S}x{S} plain"] = plain = autotune.time_ms(conv, (x,), {}, torch.device("cpu"), repeats)
+    # The warm-up call packs, as a pipeline's first call does; the timed calls run packed.
+    ms[f"conv {C}x{S}x{S} packed"] = packed = autotune.time_ms(PackedConv2d(conv), (x,), {}, torch.device("cpu"),
+                                                                repeats)
+    return "faster" if packed < plain else "slower"
+
+
+def conv_weights(choice: RuntimeChoice) -> str:
+    """How a float UNet's convolution weights are held on this CPU under `choice` (runtime/prepack.py)."""
+    if choice.pack == "faster":
+        return "packed for oneDNN once per input shape (measured faster here)"
+    if choice.pack == "slower":
+        return "plain (packing measured slower here)"
+    return f"plain ({choice.pack.removeprefix('unavailable: ')})"
 
 
 def describe(choice: RuntimeChoice) -> str:
@@ -175,7 +204,7 @@ def describe(choice: RuntimeChoice) -> str:
     lines = [f"cpu:             {info.name} ({info.cpus} CPUs available; {', '.join(isa) or 'no x86 vector flags'})",
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
-             f"conv weights:    {conv_weights(choice.torch_dtype)}"]
+             f"conv weights:    {conv_weights(choice)}"]
     lines += [f"  {label:<24}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
     return "\n".join(lines)
