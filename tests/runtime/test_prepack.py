@@ -159,6 +159,26 @@ def test_load_packs_the_unet_and_memory_low_does_not(tmp_path):
     assert diff.max() <= 2  # fp16-stored weights vs fp32: a couple of levels at most on a tiny model
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl", "ldm3d", "lcm"])
+def test_packed_pipelines_of_every_family_draw_what_plain_ones_do(tmp_path, monkeypatch, family):
+    """Through whole generations of each family's tiny model (SDXL's added conditioning, LDM3D's RGBD VAE, v-
+    prediction, LCM's guidance embedding): a packed pipeline at one size, then another size (the layers go back
+    to plain weights), then two images at once (a new batch, packed again after REPACK_AFTER calls) draws what a
+    plain pipeline does."""
+    monkeypatch.setattr(prepack, "REPACK_AFTER", 3)
+    save_random_folder(f"tiny:{family}", tmp_path / "m", dtype=torch.float32)
+    packed = load(tmp_path / "m", dtype="fp32")
+    plain = load(tmp_path / "m", dtype="fp32", backends={"conv2d": "reference"})
+    assert not any(isinstance(m, prepack.PackedConv2d) for m in plain.unet.modules())
+    for kw in ({"width": 16, "height": 16}, {"width": 24, "height": 16}, {"width": 24, "height": 16, "n": 2}):
+        kw |= {"prompt": "a red cube", "steps": 4, "seed": 3, "sampler": "Euler"}
+        for a, b in zip(packed.generate(**kw).images, plain.generate(**kw).images, strict=True):
+            diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+            assert diff.max() <= 1, (family, kw)  # the same fp32 sums in another order: a rounding step at most
+    convs = [m for m in packed.unet.modules() if isinstance(m, prepack.PackedConv2d)]
+    assert convs and all(m.packs == 3 and m.packed_for is not None for m in convs)  # 1st call, then each new shape
+
+
 def test_forcing_a_conv2d_backend_keeps_plain_layers(tmp_path):
     """A forced conv2d backend must reach the convolutions, so load leaves them plain."""
     save_random_folder("tiny:sd1", tmp_path / "m", dtype=torch.float32)

@@ -80,9 +80,26 @@ def test_packing_is_measured_on_the_deepest_conv_and_load_follows_it(monkeypatch
     assert {"Conv2d float32", "PackedConv2d float32"} <= set(calls)
     assert ("packed convs" in str(choice)) == (verdict == "faster")
     assert tuning.conv_weights(choice).startswith("packed" if verdict == "faster" else "plain (packing measured")
-    monkeypatch.setattr(fastldm.api, "choose", lambda config: choice)
+    monkeypatch.setattr("fastldm.api.choose", lambda config: choice)
     pipe = fastldm.load(fastldm.default_model())
     assert any(isinstance(m, PackedConv2d) for m in pipe.unet.modules()) == (verdict == "faster")
+
+
+def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):
+    """The 1×1 probe of `unpackable` passed but the model's own deepest layer does not pack: plain, with why."""
+    _fake_cpu(monkeypatch, {"avx2"})
+    _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0})
+
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor for a reorder primitive\nmore")
+
+    monkeypatch.setattr(tuning, "unpackable", lambda dtype: None)
+    real = tuning.autotune.time_ms
+    monkeypatch.setattr(tuning.autotune, "time_ms", lambda fn, *a, **k: refuse() if isinstance(fn, PackedConv2d)
+                        else real(fn, *a, **k))
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.pack == "unavailable: could not create a primitive descriptor for a reorder primitive"
+    assert tuning.conv_weights(choice) == "plain (could not create a primitive descriptor for a reorder primitive)"
 
 
 def test_choice_is_cached_per_machine_and_model(monkeypatch, cache):
