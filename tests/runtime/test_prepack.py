@@ -70,6 +70,22 @@ def test_a_new_shape_runs_plain_until_it_stays(monkeypatch):
     assert not layer.weight.is_mkldnn
 
 
+def test_to_and_the_state_dict_see_the_plain_weight():
+    """`.to()` (any `_apply`) unpacks first and the layer packs again at its next call; the state dict of a packed
+    layer is the plain weight."""
+    layer = conv(32, 16, 3, padding=1, seed=4)
+    packed = prepack.PackedConv2d(layer)
+    x = torch.randn(2, 32, 6, 6)
+    with torch.inference_mode():
+        packed(x)
+        assert packed.weight.is_mkldnn and torch.equal(packed.state_dict()["weight"], layer.weight)
+        packed.to(torch.float32)
+        assert packed.packed_for is None and not packed.weight.is_mkldnn
+        assert torch.equal(packed.weight, layer.weight)
+        assert rel_err(packed(x), F.conv2d(x, layer.weight, layer.bias, 1, 1)) < TOL
+        assert packed.packed_for == tuple(x.shape) and packed.packs == 1
+
+
 def test_threads_sharing_a_layer_at_different_shapes(monkeypatch):
     """A pipeline is shared by threads (the kernel choice is a context variable, so two requests may run one
     UNet at once): calls at different shapes swap the layer's weight under each other. Each call must go on with

@@ -63,9 +63,10 @@ class PackedConv2d(nn.Module):
         # Buffers, so memory accounting counts them; the state dict is written by hand below.
         self.register_buffer("weight", conv.weight.detach(), persistent=False)  # plain until the first call
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach(), persistent=False)
-        # (the packed weight, the input shape it is packed for), or None while the weight is plain. A pair
-        # counts only while its tensor *is* `weight`: a weight swapped in by anything else reads as plain.
-        self._packing: tuple[torch.Tensor, tuple[int, ...]] | None = None
+        # (weight, the input shape it is packed for or None while plain): one attribute, so one read gives a
+        # consistent pair whatever other threads swap meanwhile. `weight` above mirrors its tensor for memory
+        # accounting; the traced (compiled) path reads only this.
+        self._state: tuple[torch.Tensor, tuple[int, ...] | None] = (self.weight, None)
         self.last: tuple[int, ...] | None = None  # the last input shape, and how many calls in a row had it
         self.streak = 0
         self.packs = 0
@@ -73,52 +74,61 @@ class PackedConv2d(nn.Module):
     @property
     def packed_for(self) -> tuple[int, ...] | None:
         """The input shape the weight is packed for; None while it is plain."""
-        packing = self._packing
-        return packing[1] if packing is not None and packing[0] is self.weight else None
+        return self._state[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
         shape = tuple(x.shape)
-        # One read of each: other threads calling this layer at other shapes may swap both meanwhile, and this
-        # call goes on with the tensor it read (a mismatched pair only sends it down the slow path below).
-        weight, packing = self.weight, self._packing
-        if packing is None or packing[0] is not weight or packing[1] != shape:
-            del packing
-            weight, dropped = self._swap(weight, shape)
-            # The weight just dropped (its last reference went with `_swap`'s frame) was freed inside malloc's
-            # heap, where it would stay resident, and the next layers' new copies rarely fit its hole: a first
-            # 256² call grew the RSS by 1.4 GB (SD 1.5, fp32). A trim walks the whole heap, so small weights are
-            # left to malloc (the embedded model's first image: +0.2 s).
+        weight, packed_for = self._state  # other threads may swap it meanwhile: this call goes on with this pair
+        if shape != packed_for:
+            weight, packed_for, dropped = self._swap(weight, packed_for, shape)
+            # The weight just dropped (its last reference went with the assignment above) was freed inside
+            # malloc's heap, where it would stay resident, and the next layers' new copies rarely fit its hole:
+            # a first 256² call grew the RSS by 1.4 GB (SD 1.5, fp32). A trim walks the whole heap, so small
+            # weights are left to malloc (the embedded model's first image: +0.2 s).
             if dropped >= TRIM_BYTES:
                 release_free_memory()
-            if not weight.is_mkldnn:
+            if packed_for is None:
                 return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")  # (B, out, H', W')
 
-    def _swap(self, weight: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """The weight for a call at `shape` that `weight` is not packed for: packed for it (the layer's first
-        call, or REPACK_AFTER calls in a row at it), else plain. Holds it; returns it and the bytes dropped."""
+    def _swap(self, weight: torch.Tensor, packed_for: tuple[int, ...] | None, shape: tuple[int, ...]):
+        """(weight, packed_for, bytes dropped) for a call at `shape` that `weight` is not packed for: packed for
+        it (the layer's first call, or REPACK_AFTER calls in a row at it), else plain; held from now on."""
         self.streak = self.streak + 1 if shape == self.last else 1
         self.last = shape
         # (out, in, k, k) in the layout load gave it: F.conv2d reorders an OIHW weight more slowly
-        plain = weight.to_dense().contiguous(memory_format=torch.channels_last) if weight.is_mkldnn else weight
+        plain = weight if packed_for is None else weight.to_dense().contiguous(memory_format=torch.channels_last)
         if self.packs and self.streak < REPACK_AFTER:
-            new, packing = plain, None
+            new, new_for = plain, None
         else:
             new = torch.ops.mkldnn._reorder_convolution_weight(plain, self.padding, self.stride, self.dilation, 1,
                                                                list(shape))
-            packing = (new, shape)
+            new_for = shape
             self.packs += 1
         if new is weight:
-            return new, 0
-        self.weight, self._packing = new, packing
-        return new, weight.numel() * weight.element_size()
+            return new, new_for, 0
+        self._state = (new, new_for)
+        self.weight = new
+        return new, new_for, weight.numel() * weight.element_size()
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()` and the like see the plain weight; the layer packs again at its next call, as a
+        fresh one."""
+        weight, packed_for = self._state
+        if packed_for is not None:
+            self.weight = weight.to_dense().contiguous(memory_format=torch.channels_last)
+        super()._apply(fn, recurse)
+        self._state = (self.weight, None)
+        self.packs = self.streak = 0
+        return self
 
     # The state dict holds the plain weight (OIHW), as an nn.Conv2d's would: exports and copies of a loaded
     # pipeline see the model, not the CPU's layout.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight.to_dense() if self.weight.is_mkldnn else self.weight.detach()
+        weight, packed_for = self._state
+        destination[prefix + "weight"] = weight.detach() if packed_for is None else weight.to_dense()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias.detach()
 
@@ -128,7 +138,8 @@ class PackedConv2d(nn.Module):
             if prefix + name not in state_dict:
                 missing_keys.append(prefix + name)
         if prefix + "weight" in state_dict:  # a new plain weight, packed at the next call as a fresh layer's
-            self.weight, self._packing = state_dict[prefix + "weight"].detach().clone(), None
+            self.weight = state_dict[prefix + "weight"].detach().clone()
+            self._state = (self.weight, None)
             self.packs = self.streak = 0
         if self.bias is not None and prefix + "bias" in state_dict:
             self.bias = state_dict[prefix + "bias"].detach().clone()
