@@ -35,6 +35,7 @@ import functools
 import os
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -293,6 +294,8 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
         for row, fn in candidates:
             if fn is None:
                 continue
+            # A row that breaks (a kernel's limits, out of memory, a kernel that does not compile for this GPU)
+            # is reported as such and the table goes on; the traceback goes to stderr.
             try:
                 cuda_base = _cuda_reset(device)
                 t0 = time.perf_counter()
@@ -303,11 +306,20 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
                 row.first_call_s = round(time.perf_counter() - t0, 3)
                 for _ in range(warmup):
                     fn()
-            except RuntimeError as e:  # ops.BackendUnavailable (a kernel's limits), out of memory, ...
-                row.na = f"failed: {str(e).splitlines()[0]}"
-                continue
-            if not torch.isfinite(out).all():
-                row.na = "non-finite output"
+                if not torch.isfinite(out).all():
+                    row.na = "non-finite output"
+                    continue
+                if "CUDA graph" in row.backends:
+                    tensor = first_peak  # and `bound` stays the captured row's
+                elif "inductor" in row.backends:
+                    tensor, bound = peak_bytes(fn, device), None
+                else:
+                    with MemoryTrace() as trace:
+                        tensor = peak_bytes(fn, device)
+                    bound = trace.report().lower_bound_bytes
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                row.na = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 continue
             if row.name == "Baseline":
                 ref = out
@@ -316,14 +328,6 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
             derived = (winograd.weights().nbytes if "winograd" in row.backends
                        else _conv_bytes(unet) if "packed" in row.backends else 0)
             row.weight_mb = round((params + derived) / 2**20, 1)
-            if "CUDA graph" in row.backends:
-                tensor = first_peak  # and `bound` stays the captured row's
-            elif "inductor" in row.backends:
-                tensor, bound = peak_bytes(fn, device), None
-            else:
-                with MemoryTrace() as trace:
-                    tensor = peak_bytes(fn, device)
-                bound = trace.report().lower_bound_bytes
             row.tensor_mb = round(tensor / 2**20, 1)
             row.bound_mb = None if bound is None else round(bound / 2**20, 1)
             runnable.append((row, fn))
