@@ -66,3 +66,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, lowp: torch.Tensor, floor
 @pytest.fixture
 def close():
     return assert_close
+
+
+@pytest.fixture
+def ieee_fp32():
+    """fp32 references computed in fp32: cuDNN runs fp32 convolutions in TF32 by default on Ampere and later GPUs
+    (a 10-bit mantissa, ~1e-3 relative error per conv), which would swamp the kernels' own errors. (torch's fp32
+    matmuls already default to full precision.)"""
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield

@@ -26,7 +26,7 @@ def tiny_unet() -> UNet2DConditionModel:
 
 
 @pytest.mark.parametrize("attention,conv", [("triton", "winograd"), ("triton_softmax", "triton_winograd")])
-def test_unet_with_all_kernels_matches_reference(device, attention, conv):
+def test_unet_with_all_kernels_matches_reference(device, ieee_fp32, attention, conv):
     model = tiny_unet().to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 8, 8, generator=g).to(device)
