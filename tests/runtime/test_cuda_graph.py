@@ -60,6 +60,42 @@ def test_a_different_backend_set_is_a_different_graph():
 
 
 @cuda
+def test_threads_take_turns_on_the_static_buffers():
+    """Two threads replaying one graph with different inputs each get their own result: without the lock, one
+    thread's inputs could be copied into the static buffers between the other's copy and its replay."""
+    import sys
+    import threading
+
+    model = unet("cuda")
+    graphed = CUDAGraphUNet(model)
+    cases = [inputs(2, 8, seed) for seed in range(1, 9)]
+    with torch.inference_mode():
+        graphed(*cases[0])  # capture once, before the threads start
+        expected = [model(*x) for x in cases]
+    got, errors = {}, []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(20):
+                got[i] = graphed(*cases[i])
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: races show up
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-6)
+
+
+@cuda
 def test_refuses_arguments_it_cannot_replay():
     graphed = CUDAGraphUNet(unet("cuda"))
     with pytest.raises(ValueError, match="cannot take cache=object"):

@@ -10,7 +10,9 @@ records the whole call once and replays it with one launch (NVIDIA CUDA C++ Prog
   selection in force (`fastldm.ops.use` / `prefer`), since a different backend is a different kernel sequence;
 - whatever the call would do differently from one call to the next (a DeepCache object, Python numbers)
   cannot be replayed: such arguments are refused with an error.
-All graphs of one wrapper share one memory pool (they never run concurrently; outputs are cloned).
+All graphs of one wrapper share one memory pool and the static buffers are the graph's, so calls take turns:
+a lock holds from copying the inputs in to cloning the output out (a server may run two requests of one
+pipeline from two threads; both enqueue on the device's current stream, which keeps their GPU work in that order).
 Kernels are compiled and caches (Winograd's transformed weights) filled by warm-up calls on a side stream
 before capture, as the PyTorch CUDA-graphs notes prescribe. Every backend in the call must be capture-safe
 (no host-to-device copies or synchronization): the reference, the Triton kernels and Winograd (its transform
@@ -18,6 +20,7 @@ matrices are copied to the device once and cached) are.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +54,11 @@ class CUDAGraphUNet:
         self.unet, self.device, self.warmup = unet, device, warmup
         self.graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        self._lock = threading.Lock()
 
     def reset(self) -> None:
-        self.graphs.clear()
+        with self._lock:
+            self.graphs.clear()
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         named = {str(i): a for i, a in enumerate(args)} | kwargs
@@ -63,7 +68,7 @@ class CUDAGraphUNet:
                                  f"first call's behaviour); call the UNet without CUDA graphs for that")
         key = (tuple((n, None if v is None else (tuple(v.shape), v.dtype)) for n, v in named.items()),
                registry.selection())
-        with torch.inference_mode():
+        with torch.inference_mode(), self._lock:
             entry = self.graphs.get(key)
             if entry is None:
                 entry = self.graphs[key] = self._capture(named)
