@@ -45,8 +45,8 @@ class Diffusers:
 
         cls = diffusers.StableDiffusionXLPipeline if (folder / "text_encoder_2").is_dir() else \
             diffusers.StableDiffusionPipeline
-        extra = {} if cls is diffusers.StableDiffusionXLPipeline else dict(safety_checker=None,
-                                                                          requires_safety_checker=False)
+        extra = {} if cls is diffusers.StableDiffusionXLPipeline else {"safety_checker": None,
+                                                                        "requires_safety_checker": False}
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         pipe = cls.from_pretrained(folder, dtype=dtype, **extra).to(device)
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
