@@ -240,3 +240,37 @@ def test_inpainting_unet_txt2img_matches_diffusers(pipes, tmp_path):
                   width=32, generator=[torch.Generator().manual_seed(4)], output_type="np").images
     out = ours.generate("a cube", steps=4, sampler="DDIM", guidance=7.5, seed=4, width=32, height=32)
     assert np.abs(out.raw - ref).max() <= TOL
+
+
+def test_fp16_vae_dtype_follows_diffusers_pipelines(folder, tmp_path):
+    """An fp16 pipeline decodes SD 1.x's VAE in fp16 though its config says force_upcast (diffusers' SD pipeline
+    does too); SDXL's VAE, which overflows fp16, stays fp32 (diffusers' SDXL pipeline upcasts it)."""
+    from fastldm.families import PRESETS, vae_dtype
+
+    sd = fastldm.load(folder, dtype="fp16")
+    assert sd.config.vae.force_upcast and sd.vae.decoder.conv_in.weight.dtype == torch.float16
+    tiny_diffusers_pipeline("sdxl").save_pretrained(tmp_path / "xl")
+    xl = fastldm.load(tmp_path / "xl", dtype="fp16")
+    assert xl.vae.decoder.conv_in.weight.dtype == torch.float32 and xl.unet.conv_in.weight.dtype == torch.float16
+    assert vae_dtype(PRESETS["sdxl"], torch.bfloat16) == torch.bfloat16  # bf16 has fp32's range: no upcast
+
+
+def test_an_fp16_decode_that_overflows_is_decoded_again_in_fp32(folder):
+    """An fp16 VAE whose decoder exceeds fp16's range gives inf/NaN; the pipeline decodes that image again
+    in fp32 (with the fp16 weights, widened) and returns what an fp32 copy of the VAE gives."""
+    import copy
+
+    pipe = fastldm.load(folder, dtype="fp16")
+    with torch.no_grad():
+        # Weights still finite in fp16, the first conv's outputs past 65504: inf, then NaN from the GroupNorm.
+        w = pipe.vae.decoder.conv_in.weight
+        w.mul_(6e4 / w.abs().max().item())
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+        with pipe.kernels_active():
+            assert pipe.vae.decode(pipe.vae.from_unet_latents(z)).isnan().any()
+        vae32 = copy.deepcopy(pipe.vae).float()
+        want = (vae32.decode(vae32.from_unet_latents(z.float())) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    got = pipe.decode(z)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+    assert pipe.vae.decoder.conv_in.weight.dtype == torch.float16  # the pipeline's VAE is left as it was

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from .config import SD_SCHEDULER, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_PAD, OPENCLIP_PAD = 49407, 0   # what each tokenizer pads with: <|endoftext|> (OpenAI CLIP) or "!" (OpenCLIP)
 
@@ -56,6 +59,7 @@ class Family:
     time_ids: bool = False          # SDXL's size/crop conditioning as UNet inputs
     zero_empty_negative: bool = False  # an empty negative prompt is a zero embedding (SDXL force_zeros_for_empty_prompt)
     pipeline_class: str = "StableDiffusionPipeline"   # diffusers' pipeline for folders we write
+    vae_upcast: bool = False        # an fp16 pipeline decodes in fp32 if the VAE says force_upcast (see vae_dtype)
     stack_default: bool = True      # the row of its stack that a checkpoint saying nothing else is
     prediction_hint: Callable[[Mapping], str | None] | None = None   # a prediction type from checkpoint metadata
 
@@ -99,7 +103,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sdxl", "sdxl", ModelConfig("sdxl", CLIP_L, _SDXL_UNET, VAEConfig(scaling_factor=0.13025, sample_size=1024),
                                        text_encoder_2=OPENCLIP_BIGG, clip_layer=-2, default_size=1024),
            _SDXL_LAYOUT, None, "epsilon", time_ids=True, zero_empty_negative=True,
-           pipeline_class="StableDiffusionXLPipeline"),
+           pipeline_class="StableDiffusionXLPipeline", vae_upcast=True),
     Family("ldm3d-4c", "ldm3d", dataclasses.replace(_SD1, family="ldm3d", vae=VAEConfig(in_channels=4, out_channels=4)),
            _CLIP_LAYOUT, 8, "epsilon", vae_channels=4, pipeline_class="StableDiffusionLDM3DPipeline"),
     Family("ldm3d", "ldm3d", dataclasses.replace(_SD1, family="ldm3d", vae=VAEConfig(in_channels=6, out_channels=6)),
@@ -125,6 +129,19 @@ def family_of(config: ModelConfig) -> Family:
         if f.vae_channels == config.vae.out_channels and f.prediction == config.prediction_type:
             return f
     return next((f for f in rows if f.vae_channels == config.vae.out_channels), rows[0])
+
+
+def vae_dtype(config: ModelConfig, compute: torch.dtype) -> torch.dtype:
+    """The dtype a pipeline computing in `compute` runs its VAE in: fp32 where the VAE's config says
+    `force_upcast` and the family's row upcasts (SDXL: its VAE overflows fp16, and diffusers' SDXL pipeline
+    upcasts it too), else `compute`. diffusers' SD 1.x/2.x and LDM3D pipelines decode in fp16 whatever the flag
+    says (their VAE configs predate it and take its default, True); fastldm does the same, and decodes again in
+    fp32 an image whose fp16 decode overflowed (Pipeline.decode)."""
+    import torch  # here, not at the top: this table is read by commands that never load a model
+
+    if compute == torch.float16 and config.vae.force_upcast and family_of(config).vae_upcast:
+        return torch.float32
+    return compute
 
 
 def text_layout(stack: str) -> Mapping[str, tuple[str, str]]:

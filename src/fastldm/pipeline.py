@@ -16,6 +16,7 @@ of CPU generators, so the same seed, sampler and model give diffusers' image.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -176,17 +177,23 @@ class Pipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, memory: MemoryPlan | None = None) -> np.ndarray:
         """UNet latents (B, C, h, w) -> images (B, H, W, Cimg) float32 in [0, 1]; tiled (runtime/tiled_vae.py,
-        the same image) when the request's memory plan says so."""
+        the same image) when the request's memory plan says so; in fp32 again if an fp16 decode overflowed."""
         self.acquire("vae")
         with self.kernels_active():
-            if memory is not None and memory.vae_tile is not None:
-                from .runtime.tiled_vae import tiled_decode
-
-                x = tiled_decode(self.vae, self.vae.from_unet_latents(latents), memory.vae_tile,
-                                 memory.vae_tile_budget)
-            else:
-                x = self.vae.decode(self.vae.from_unet_latents(latents))
+            x = self._decode(self.vae, latents, memory)
+            if x.dtype == torch.float16 and not torch.isfinite(x).all():
+                # The decoder overflowed fp16's range (an SD VAE can, on some images; families.vae_dtype says
+                # which run in fp16): decode this image again in fp32, with a copy of the VAE that lives as long.
+                x = self._decode(copy.deepcopy(self.vae).float(), latents.float(), memory)
         return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def _decode(vae, latents: torch.Tensor, memory: MemoryPlan | None) -> torch.Tensor:
+        if memory is not None and memory.vae_tile is not None:
+            from .runtime.tiled_vae import tiled_decode
+
+            return tiled_decode(vae, vae.from_unet_latents(latents), memory.vae_tile, memory.vae_tile_budget)
+        return vae.decode(vae.from_unet_latents(latents))
 
     def to_outputs(self, raw: np.ndarray) -> tuple[list[Image.Image], list[np.ndarray] | None]:
         """Decoded images (B, H, W, C) -> (RGB PIL images, uint16 depth maps or None), by the family's VAE."""

@@ -233,3 +233,17 @@ def test_serve_settings_pass_the_memory_options():
     assert Settings().load_options == {"device": "cpu", "dtype": None}
     assert Settings(memory="low", memory_budget=3 * GiB).load_options == {
         "device": "cpu", "dtype": None, "memory": "low", "memory_budget": 3 * GiB}
+
+
+def test_an_fp16_plan_counts_the_vae_in_the_dtype_it_runs_in():
+    """In fp16, SDXL's VAE runs in fp32 (families.vae_dtype) and SD 1.5's in fp16: the weights and the decode
+    are predicted in those dtypes (the decode's tensors twice as large in fp32)."""
+    sdxl, sd15 = tiny_config("sdxl"), tiny_config("sd1")
+    xl = MemoryPlanner(sdxl, compute=torch.float16, device="cuda")
+    sd = MemoryPlanner(sd15, compute=torch.float16, device="cuda")
+    assert xl.storage()["vae"] == "fp32" and xl.storage()["unet"] == "fp16" and sd.storage()["vae"] == "fp16"
+    xl16 = MemoryPlanner(dataclasses.replace(sdxl, vae=dataclasses.replace(sdxl.vae, force_upcast=False)),
+                         compute=torch.float16, device="cuda")
+    decode = {p: dict(p.for_request(256, 256, 1, guided=True).peaks)["decode"] for p in (xl, xl16)}
+    weights = xl.facts.weight_bytes("vae", "fp32") - xl.facts.weight_bytes("vae", "fp16")
+    assert decode[xl] > decode[xl16] + weights

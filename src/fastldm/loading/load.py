@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import FASTLDM_JSON, CLIPConfig, ModelConfig, SD_SCHEDULER, UNetConfig, VAEConfig
-from ..families import FAMILIES, Family, stack_default
+from ..families import FAMILIES, Family, stack_default, vae_dtype
 from ..models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from ..runtime.device import default_dtype
 from .detect import detect_single_file
@@ -239,12 +239,10 @@ def load_single_file(path: Path, dtype: torch.dtype | None, device: torch.device
 
 def _component_dtype(component: str, config: ModelConfig, dtype: torch.dtype | None,
                      device: torch.device) -> torch.dtype:
-    """The requested dtype, else the device's default for this model (runtime.device.default_dtype);
-    fp16 VAEs overflow in the decoder unless the checkpoint says otherwise (`force_upcast`)."""
+    """The requested dtype, else the device's default for this model (runtime.device.default_dtype); the VAE's
+    may be fp32 in an fp16 pipeline (families.vae_dtype)."""
     dtype = dtype or default_dtype(device, config)
-    if component == "vae" and dtype == torch.float16 and config.vae.force_upcast:
-        return torch.float32
-    return dtype
+    return vae_dtype(config, dtype) if component == "vae" else dtype
 
 
 def _storage_dtype(component: str, config: ModelConfig, dtype: torch.dtype | None, device: torch.device,

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MemoryBudgetError, SettingError
+from ..families import vae_dtype
 from .weight_storage import MAX_WIDEN
 
 MODES = ("fast", "balanced", "low")
@@ -250,12 +251,17 @@ class MemoryPlanner:
 
     def storage(self, levers: Levers | None = None) -> dict[str, str]:
         lv = levers or self.levers
-        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.compute]
+        names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
         out = {}
         for c in self.facts.matrix:
             widen = lv.widen and self.compute == torch.float32 and not (c == "unet" and self.quant)
+            name = names[self.vae_dtype if c == "vae" else self.compute]
             out[c] = "int8" if c == "unet" and self.quant else "fp16 -> fp32" if widen else name
         return out
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return vae_dtype(self.config, self.compute)
 
     def storage_dtypes(self) -> dict[str, torch.dtype]:
         """{component: dtype its tensors are loaded in} for components stored in 16 bits and widened."""
@@ -344,8 +350,8 @@ class MemoryPlanner:
         key = (h, w, n, tile, tile_budget)
         if key not in self._decode_cache:
             self._decode_cache[key] = (
-                decode_peak_bytes(vae, h, w, self.compute, n) if tile is None else
-                tiled_decode_peak_bytes(vae, h, w, tile, tile_budget, self.compute, n))
+                decode_peak_bytes(vae, h, w, self.vae_dtype, n) if tile is None else
+                tiled_decode_peak_bytes(vae, h, w, tile, tile_budget, self.vae_dtype, n))
         decode_tensors = self._decode_cache[key]
         # The largest tensor of a load: a file's 16-bit tensor and its fp32 conversion.
         load_peak = self._weights(lv, resident) + 6 * max((f.largest[c] for c in resident), default=0)
