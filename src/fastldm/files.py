@@ -1,4 +1,5 @@
-"""Writing files so that a failure leaves nothing behind and a success leaves a normal file.
+"""Writing files so that a failure leaves nothing behind and a success leaves a normal file; where fastldm's
+caches live.
 
 `atomic_write(path, write)` has `write(tmp)` fill a temporary file in the destination folder, then renames it
 into place (atomic on POSIX within one file system). The temporary file is created with mode 0666 filtered
@@ -30,3 +31,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def cache_root() -> Path:
+    """The folder of fastldm's on-disk caches (measured CPU defaults, model facts, built kernels, compiled
+    graphs): $XDG_CACHE_HOME/fastldm, default ~/.cache/fastldm."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm"

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackendUnavailable
+from ..files import cache_root
 
 CSRC = Path(__file__).parent / "csrc"
 # Per vector ISA (torch's CPU capability): the flags ATen compiles its own kernels of that ISA with, and
@@ -47,7 +48,7 @@ COMMON_FLAGS = ("-O3", "-fvisibility=hidden", "-fopenmp")  # -fopenmp: at::paral
 
 def cache_dir() -> Path:
     """Where built libraries persist: $XDG_CACHE_HOME/fastldm/extensions, default ~/.cache/fastldm/extensions."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm" / "extensions"
+    return cache_root() / "extensions"
 
 
 def isa() -> str:

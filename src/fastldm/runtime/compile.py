@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import cache_root
+
 
 def cache_dir() -> Path:
     """Where compiled graphs persist: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fastldm/inductor (or under
     $XDG_CACHE_HOME), the folder `use_persistent_cache` points inductor at."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm" / "inductor"
+    return cache_root() / "inductor"
 
 
 def use_persistent_cache() -> Path:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, cache_root
 from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
 from .prepack import PackedConv2d
@@ -66,7 +65,7 @@ class RuntimeChoice:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastldm" / "tuning"
+    return cache_root() / "tuning"
 
 
 def _shapes(config: ModelConfig) -> dict:
