@@ -247,3 +247,23 @@ def test_an_fp16_plan_counts_the_vae_in_the_dtype_it_runs_in():
     decode = {p: dict(p.for_request(256, 256, 1, guided=True).peaks)["decode"] for p in (xl, xl16)}
     weights = xl.facts.weight_bytes("vae", "fp32") - xl.facts.weight_bytes("vae", "fp16")
     assert decode[xl] > decode[xl16] + weights
+
+
+def test_model_facts_are_measured_once_per_config_then_read(monkeypatch, tmp_path):
+    from fastldm.runtime import memory_plan
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sd1, xl = tiny_config("sd1"), tiny_config("sdxl")
+    first = model_facts(sd1)
+    files = list((tmp_path / "fastldm" / "facts").glob("*.json"))
+    assert len(files) == 1 and first == memory_plan.measure_facts(sd1)
+    measure = memory_plan.measure_facts
+    monkeypatch.setattr(memory_plan, "measure_facts", lambda config: pytest.fail("measured again"))
+    assert model_facts(sd1) == first
+    monkeypatch.setattr(memory_plan, "measure_facts", measure)
+    assert model_facts(xl) != first and len(list(files[0].parent.glob("*.json"))) == 2
+    files[0].write_text("{not json")             # a damaged entry is measured again and rewritten
+    assert model_facts(sd1) == first and json.loads(files[0].read_text())["matrix"] == first.matrix
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")           # no cache folder can be made there: measured, not stored
+    assert model_facts(sd1) == first
