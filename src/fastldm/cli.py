@@ -174,7 +174,9 @@ def _request_options(defaults: bool):
 @click.option("--memory", "memory", default=None, type=click.Choice(["fast", "balanced", "low"]), help=MEMORY_HELP)
 @click.option("--memory-budget", default=None, help=BUDGET_HELP)
 @click.option("--threads", default=None, type=click.IntRange(1, 4096), help=THREADS_HELP)
-@click.option("--cuda-graphs", is_flag=True, help="capture the UNet step as a CUDA graph and replay it (CUDA)")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="capture the UNet step as a CUDA graph per shape and replay it (default: on with --device cuda, "
+              "unless compiled or the memory plan stages the UNet)")
 @click.option("--allow-pickle", is_flag=True, help="allow loading .ckpt/.bin pickle files (trusted files only)")
 @click.option("--export", "exports", multiple=True, type=click.Choice(["glb", "ply", "obj"]),
               help="RGBD models: also write each image and its depth as a 3-D file beside its PNG (same name): glb "

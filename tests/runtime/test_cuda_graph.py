@@ -144,11 +144,14 @@ def test_pipeline_with_cuda_graphs_matches_eager(tmp_path):
     import fastldm
 
     tiny_diffusers_pipeline("sd1").save_pretrained(tmp_path / "m")
-    pipe = fastldm.load(tmp_path / "m", device="cuda", dtype="fp32")
+    assert fastldm.load(tmp_path / "m", device="cuda").unet_runtime.kind(1) == "cuda_graph"  # the default on CUDA
+    pipe = fastldm.load(tmp_path / "m", device="cuda", dtype="fp32", cuda_graphs=False)
     eager = pipe.generate("a cube", steps=4, seed=0, width=32, height=32)
     pipe.use_cuda_graphs()
     for size in (32, 32, 48):  # capture, replay, a new shape
         graphed = pipe.generate("a cube", steps=4, seed=0, width=size, height=size)
+        if size == 32:
+            assert torch.allclose(torch.from_numpy(graphed.raw), torch.from_numpy(eager.raw), atol=1e-5)
     assert len(pipe.unet_runtime.graphs.graphs) == 2
     again = pipe.generate("a cube", steps=4, seed=0, width=32, height=32)
     assert torch.allclose(torch.from_numpy(again.raw), torch.from_numpy(eager.raw), atol=1e-5)
@@ -165,3 +168,21 @@ def test_cli_cuda_graphs_on_cpu_is_a_one_line_error(tmp_path):
                                     "--out", str(tmp_path / "out")])
     assert res.exit_code != 0 and "CUDA graphs need the UNet on a CUDA device" in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_graphs_are_on_by_default_where_they_can_work():
+    from fastldm.api import cuda_graphs_wanted
+    from fastldm.errors import SettingError
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cuda_graphs_wanted(None, cuda, compile=False, unet_staged=False)
+    assert not cuda_graphs_wanted(None, cpu, compile=False, unet_staged=False)
+    assert not cuda_graphs_wanted(None, cuda, compile=True, unet_staged=False)    # inductor's executor instead
+    assert not cuda_graphs_wanted(None, cuda, compile=False, unet_staged=True)    # weights move between stages
+    assert not cuda_graphs_wanted(False, cuda, compile=False, unet_staged=False)
+    with pytest.raises(SettingError, match="loads the UNet's weights again per stage"):
+        cuda_graphs_wanted(True, cuda, compile=False, unet_staged=True)
+    with pytest.raises(SettingError, match="either compiled or as CUDA graphs"):
+        cuda_graphs_wanted(True, cuda, compile=True, unet_staged=False)
+    with pytest.raises(RuntimeError, match="CUDA graphs need the UNet on a CUDA device, it is on cpu"):
+        cuda_graphs_wanted(True, cpu, compile=False, unet_staged=False)
