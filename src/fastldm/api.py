@@ -68,7 +68,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     Memory (runtime/memory_plan.py): memory: "balanced" (default: today's speed; the VAE is tiled only when
     an image would not fit the machine), "fast" (never tiles) or "low" (the least memory: components loaded
     per stage, 16-bit weights, sequential CFG, tiled VAE); memory_budget: bytes or a size such as "3GB"
-    (powers of 1024) that a request may use above the process's RSS after import: the cheapest plan whose
+    (powers of 1024) that a request may use above the process's RSS after import (on a CUDA device: of the
+    GPU's memory, where the plans are made against the GPU's memory too): the cheapest plan whose
     predicted peak fits is chosen, and a request that cannot fit is refused with MemoryBudgetError before it
     starts. `pipe.memory_plan` says what was chosen.
 

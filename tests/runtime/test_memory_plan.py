@@ -239,11 +239,11 @@ def test_an_fp16_plan_counts_the_vae_in_the_dtype_it_runs_in():
     """In fp16, SDXL's VAE runs in fp32 (families.vae_dtype) and SD 1.5's in fp16: the weights and the decode
     are predicted in those dtypes (the decode's tensors twice as large in fp32)."""
     sdxl, sd15 = tiny_config("sdxl"), tiny_config("sd1")
-    xl = MemoryPlanner(sdxl, compute=torch.float16, device="cuda")
-    sd = MemoryPlanner(sd15, compute=torch.float16, device="cuda")
+    xl = MemoryPlanner(sdxl, compute=torch.float16, device="cuda", machine_bytes=80 << 30)
+    sd = MemoryPlanner(sd15, compute=torch.float16, device="cuda", machine_bytes=80 << 30)
     assert xl.storage()["vae"] == "fp32" and xl.storage()["unet"] == "fp16" and sd.storage()["vae"] == "fp16"
     xl16 = MemoryPlanner(dataclasses.replace(sdxl, vae=dataclasses.replace(sdxl.vae, force_upcast=False)),
-                         compute=torch.float16, device="cuda")
+                         compute=torch.float16, device="cuda", machine_bytes=80 << 30)
     decode = {p: dict(p.for_request(256, 256, 1, guided=True).peaks)["decode"] for p in (xl, xl16)}
     weights = xl.facts.weight_bytes("vae", "fp32") - xl.facts.weight_bytes("vae", "fp16")
     assert decode[xl] > decode[xl16] + weights
@@ -267,3 +267,22 @@ def test_model_facts_are_measured_once_per_config_then_read(monkeypatch, tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
     (tmp_path / "file").write_text("")           # no cache folder can be made there: measured, not stored
     assert model_facts(sd1) == first
+
+
+def test_a_cuda_plan_fits_the_gpu_and_matches_its_measurement(planner, monkeypatch):
+    """On CUDA the machine is the GPU: a balanced plan tiles the decode once the untiled one would not fit its
+    memory. The decode's prediction sits just above what an H200 allocated (SD 1.5, 512², fp16: 546 MB above
+    the weights; docs/benchmarks.md), not below it."""
+    gpu = planner(compute=torch.float16, device="cuda", machine_bytes=8 << 30)
+    assert gpu.for_request(512, 512, 1, guided=True).vae_tile is None
+    big = gpu.for_request(2048, 2048, 1, guided=True)
+    assert big.vae_tile is not None and big.peak <= 8 << 30
+    assert planner(compute=torch.float16, device="cuda", machine_bytes=80 << 30).for_request(
+        2048, 2048, 1, guided=True).vae_tile is None
+    weights = sum(gpu.facts.weight_bytes(c, "fp16") for c in gpu.facts.matrix)
+    decode = dict(gpu.for_request(512, 512, 1, guided=True).peaks)["decode"] - weights
+    assert 546 * MiB <= decode <= 1.25 * 546 * MiB, decode / MiB
+    # Made without machine_bytes: the GPU's free memory plus what this process already holds there.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 << 30, 24 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 << 30)
+    assert planner(compute=torch.float16, device="cuda").machine_bytes == 7 << 30

@@ -28,6 +28,13 @@ stage's tensor peak (a MemoryTrace of the module on the meta device at a small s
 and the runtime's overhead beside the tensors (oneDNN's weight reorders and the allocator's slack:
 OVERHEAD_FRACTION of the tensors plus one reordered copy of the largest weight, calibrated on the RSS
 measured by `fastldm bench memory`, docs/benchmarks.md "Memory planner").
+
+On a CUDA device the stages are predicted in the GPU's memory and the machine is the GPU (its free memory plus
+what this process already holds when the planner is made): the same weights and traced tensors, and beside them
+CUDA_OVERHEAD_FRACTION of the tensors for cuDNN's workspaces, which no trace sees (calibrated on one H200
+measurement: an SD 1.5 VAE decode at 512² in fp16 allocated 546 MB where its traced tensors are 320; the
+UNet call, 90 MB against 103 traced, is over-predicted). A load holds the resident weights and one tensor
+being converted.
 """
 from __future__ import annotations
 
@@ -51,6 +58,8 @@ TEXT = ("text_encoder", "text_encoder_2")
 MiB = 1 << 20
 OVERHEAD_FRACTION = 0.5        # runtime bytes beside a stage's traced tensors (see the module docstring)
 OVERHEAD_FIXED = 128 * MiB     # torch's and oneDNN's own buffers once a model runs
+CUDA_OVERHEAD_FRACTION = 0.75  # on a GPU: cuDNN's workspaces beside the traced tensors (see the module docstring)
+CUDA_OVERHEAD_FIXED = 64 * MiB
 TEXT_TENSORS = 32 * MiB        # a CLIP pass over a few 77-token chunks
 # The tiled VAE: 32 latent px tiles (their halos come on top: with 64, a 512² image is one tile and a halo), and
 # full-size checkpoints within 256 MiB (exact statistics; states that do not fit are recomputed from the last
@@ -255,7 +264,7 @@ class MemoryPlanner:
         self.config, self.mode, self.compute, self.quant = config, mode, compute, quant
         self.budget = None if budget is None else parse_bytes(budget)
         self.attention, self.device = attention, torch.device(device)
-        self.machine_bytes = machine_bytes if machine_bytes is not None else _physical_memory()
+        self.machine_bytes = machine_bytes if machine_bytes is not None else _machine_memory(self.device)
         self.facts = facts or model_facts(config)
         self._decode_cache: dict[tuple, int] = {}   # meta-device traces of the VAE decode, per size
         w, h = config.default_size, config.default_size
@@ -348,6 +357,8 @@ class MemoryPlanner:
         fp32 copy of the largest weight (oneDNN), and for 16-bit weights the widening scratch (chunked layers
         widen at most MAX_WIDEN weights at a time, runtime/weight_storage.py)."""
         largest = self.facts.largest[component]
+        if self.device.type == "cuda":   # cuDNN's workspaces; no weight reorders
+            return int(CUDA_OVERHEAD_FRACTION * tensors) + CUDA_OVERHEAD_FIXED
         if self.storage(lv)[component] == "fp16 -> fp32":
             largest = min(largest, MAX_WIDEN)
             return int(OVERHEAD_FRACTION * tensors) + OVERHEAD_FIXED + 2 * 4 * largest
@@ -378,8 +389,10 @@ class MemoryPlanner:
                 decode_peak_bytes(vae, h, w, self.vae_dtype, n) if tile is None else
                 tiled_decode_peak_bytes(vae, h, w, tile, tile_budget, self.vae_dtype, n))
         decode_tensors = self._decode_cache[key]
-        # The largest tensor of a load: a file's 16-bit tensor and its fp32 conversion.
-        load_peak = self._weights(lv, resident) + 6 * max((f.largest[c] for c in resident), default=0)
+        # The largest tensor of a load: a file's 16-bit tensor and its fp32 conversion (on a GPU, the converted
+        # tensor arrives as the weights do: one tensor beside them).
+        largest = max((f.largest[c] for c in resident), default=0)
+        load_peak = self._weights(lv, resident) + (4 if self.device.type == "cuda" else 6) * largest
         # An int8 UNet is quantized layer by layer as it is read (api.load with a memory plan): the float
         # weights are held one layer at a time, so its load peaks at about its int8 size.
         text = [c for c in TEXT if c in f.matrix]
@@ -396,6 +409,15 @@ class MemoryPlanner:
                           storage=tuple(self.storage(lv).items()), attention=attention, unet_batch=batch,
                           vae_tile=tile, vae_tile_budget=tile_budget, peaks=tuple(peaks.items()), width=width,
                           height=height, n=n, guided=guided)
+
+
+def _machine_memory(device: torch.device) -> int:
+    """The memory a plan must fit: the GPU's free memory plus what this process already holds there, or the
+    machine's RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    return _physical_memory()
 
 
 def _physical_memory() -> int:
