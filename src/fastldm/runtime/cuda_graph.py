@@ -91,6 +91,8 @@ class CUDAGraphUNet:
                 self._call(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": a server runs other pipelines' calls from other threads, on the device's default stream,
+        # while one captures; the default ("global") would make their allocations fail during the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = self._call(inputs)
         return _Graph(inputs, graph, output)
