@@ -57,13 +57,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     permit .ckpt/.bin files (read with weights_only=True); prediction_type: override "epsilon" /
     "v_prediction" when the checkpoint cannot tell. Runtime (fastldm.runtime): compile: the UNet through
     torch.compile (default off); quant: "int8" for int8 weights and activations in the UNet (CPU);
-    cuda_graphs: capture and replay the UNet call as a CUDA graph per input shape (default: on where the UNet runs on
-    CUDA, is not compiled and stays resident: 2.4× faster per step on an H200; False turns it off); backends: {op: backend} forced
-    for this pipeline only (see `fastldm.ops.backends(op)`), e.g. {"attention": "reference"}; on a CPU the UNet's
-    convolutions run with oneDNN-packed weights (runtime/prepack.py) unless a conv2d backend is forced or tuning
-    measured packing slower. tune: on a CPU with no dtype given, pick the dtype, the attention kernel and whether
-    to pack convolution weights by measuring them on this model's shapes the first time (seconds; cached on
-    disk, runtime/tuning.py); `pipe.runtime_choice` says what was chosen.
+    cuda_graphs: capture and replay the UNet call as a CUDA graph per input shape (default: on where the UNet
+    runs on CUDA, is not compiled and stays resident: 2.4× faster per step on an H200; False turns it off);
+    backends: {op: backend} forced for this pipeline only (see `fastldm.ops.backends(op)`), e.g.
+    {"attention": "reference"}; on a CPU the UNet's convolutions run with oneDNN-packed weights
+    (runtime/prepack.py) unless a conv2d backend is forced or tuning measured packing slower. tune: on a CPU
+    with no dtype given, pick the dtype, the attention kernel and whether to pack convolution weights by
+    measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
+    `pipe.runtime_choice` says what was chosen.
 
     Memory (runtime/memory_plan.py): memory: "balanced" (default: today's speed; the VAE is tiled only when
     an image would not fit the machine), "fast" (never tiles) or "low" (the least memory: components loaded
@@ -195,8 +196,19 @@ def parameters_text(pipe: Pipeline, result, index: int) -> str:
               "Denoising strength": f"{r.strength:g}" if r.init_image is not None else None,
               "Early stop": f"{r.early_stop:g}" if r.early_stop is not None else None,
               "DeepCache interval": r.cache_interval if r.cache_interval > 1 else None,
-              "Version": f"fastldm {__version__}" + (f" ({pipe.runtime_choice})" if pipe.runtime_choice else "")}
+              "Version": f"fastldm {__version__}" + (f" ({how})" if (how := runtime_text(pipe)) else "")}
     return infotext(r.prompt, r.negative_prompt, params)
+
+
+def runtime_text(pipe: Pipeline) -> str | None:
+    """How the pipeline ran, for the PNG's Version field: the CPU's measured choice (runtime/tuning.py), or on a
+    GPU its dtype and whether the UNet ran as CUDA graphs."""
+    if pipe.runtime_choice is not None:
+        return str(pipe.runtime_choice)
+    if pipe.device.type == "cuda":
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(pipe.dtype, str(pipe.dtype))
+        return f"cuda {dtype}" + ("; CUDA graphs" if pipe.unet_runtime.graphs is not None else "")
+    return None
 
 
 def pipeline_hash(pipe: Pipeline) -> str | None:

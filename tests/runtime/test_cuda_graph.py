@@ -186,3 +186,17 @@ def test_cuda_graphs_are_on_by_default_where_they_can_work():
         cuda_graphs_wanted(True, cuda, compile=True, unet_staged=False)
     with pytest.raises(RuntimeError, match="CUDA graphs need the UNet on a CUDA device, it is on cpu"):
         cuda_graphs_wanted(True, cpu, compile=False, unet_staged=False)
+
+
+def test_png_version_says_how_a_gpu_pipeline_ran():
+    from types import SimpleNamespace
+
+    from fastldm.api import runtime_text
+
+    def pipe(device, graphs, dtype=torch.float16):
+        return SimpleNamespace(runtime_choice=None, device=torch.device(device), dtype=dtype,
+                               unet_runtime=SimpleNamespace(graphs=object() if graphs else None))
+    assert runtime_text(pipe("cuda", True)) == "cuda fp16; CUDA graphs"
+    assert runtime_text(pipe("cuda", True, torch.bfloat16)) == "cuda bf16; CUDA graphs"
+    assert runtime_text(pipe("cuda", False)) == "cuda fp16"
+    assert runtime_text(pipe("cpu", False)) is None  # a CPU pipeline built in code: nothing measured to report
