@@ -274,3 +274,26 @@ def test_an_fp16_decode_that_overflows_is_decoded_again_in_fp32(folder):
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
     assert pipe.vae.decoder.conv_in.weight.dtype == torch.float16  # the pipeline's VAE is left as it was
+
+
+def test_an_fp16_encode_that_overflows_is_encoded_again_in_fp32(folder):
+    """img2img's VAE encode, as the decode: an fp16 encoder past fp16's range is run again in fp32."""
+    import copy
+
+    from fastldm.samplers import randn
+
+    pipe = fastldm.load(folder, dtype="fp16")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        w = pipe.vae.encoder.conv_in.weight
+        w.mul_(6e4 / w.abs().max().item())   # finite weights, first conv's outputs past 65504
+        with pipe.kernels_active():
+            assert not torch.isfinite(pipe.vae.encode(x.half())[0]).all()
+        vae32 = copy.deepcopy(pipe.vae).float()
+        mean, logvar = vae32.encode(x)
+        gens = [torch.Generator().manual_seed(1)]
+        got = pipe.encode_pixels(x, gens)
+        want = vae32.to_unet_latents(mean.half() + (0.5 * logvar.half()).exp()
+                                     * randn(mean.shape, torch.Generator().manual_seed(1), mean.device, torch.float16))
+    assert torch.isfinite(got).all() and got.dtype == torch.float16
+    torch.testing.assert_close(got, want.half(), rtol=1e-3, atol=1e-3)

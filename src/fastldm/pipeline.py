@@ -162,15 +162,14 @@ class Pipeline:
     def encode_pixels(self, x: torch.Tensor, generators: list[torch.Generator],
                       memory: MemoryPlan | None = None) -> torch.Tensor:
         """Pixels (1, Cimg, H, W) in [-1, 1] -> UNet latents (B, C, h, w), one posterior sample per generator;
-        tiled (runtime/tiled_vae.py, the same result) when the request's memory plan says so."""
+        tiled (runtime/tiled_vae.py, the same result) when the request's memory plan says so; in fp32 again if an
+        fp16 encode overflowed (as `decode`)."""
         self.acquire("vae")
         with self.kernels_active():
-            if memory is not None and memory.vae_tile is not None and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
-                from .runtime.tiled_vae import tiled_encode
-
-                mean, logvar = tiled_encode(self.vae, x.to(self.device), memory.vae_tile, memory.vae_tile_budget)
-            else:
-                mean, logvar = self.vae.encode(x.to(self.device))
+            mean, logvar = self._encode(self.vae, x.to(self.device), memory)
+            if mean.dtype == torch.float16 and not (torch.isfinite(mean).all() and torch.isfinite(logvar).all()):
+                mean, logvar = (t.half() for t in self._encode(copy.deepcopy(self.vae).float(), x.to(self.device),
+                                                              memory))
         lat = [mean + (0.5 * logvar).exp() * randn(mean.shape, g, mean.device, mean.dtype) for g in generators]
         return self.vae.to_unet_latents(torch.cat(lat))
 
@@ -186,6 +185,14 @@ class Pipeline:
                 # which run in fp16): decode this image again in fp32, with a copy of the VAE that lives as long.
                 x = self._decode(copy.deepcopy(self.vae).float(), latents.float(), memory)
         return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    @staticmethod
+    def _encode(vae, x: torch.Tensor, memory: MemoryPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if memory is not None and memory.vae_tile is not None and x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0:
+            from .runtime.tiled_vae import tiled_encode
+
+            return tiled_encode(vae, x, memory.vae_tile, memory.vae_tile_budget)
+        return vae.encode(x)
 
     @staticmethod
     def _decode(vae, latents: torch.Tensor, memory: MemoryPlan | None) -> torch.Tensor:
