@@ -1,7 +1,9 @@
 """Convolutions with weights packed once per input shape (runtime/prepack.py) against eager `F.conv2d`, which
-lets oneDNN reorder the weight at every call: each SD 1.5 UNet convolution shape alone, then whole UNet calls.
+lets oneDNN reorder the weight at every call: each SD 1.5 UNet convolution shape alone, then whole UNet calls;
+and the same for linears at few rows (`--pack conv,linear --against conv`: what packing linears adds).
 
-    python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--json out.json]
+    python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--pack conv,linear]
+                                        [--against KINDS] [--json out.json]
 
 Layers: every distinct (in, out, kernel, stride, spatial) convolution of SD 1.5's UNet at each image size, batch
 2 (CFG), fp32 channels_last (fastldm's CPU layout), median of 7 calls each, with the summed time per UNet call
@@ -10,6 +12,8 @@ freed blocks: without that, the per-call reorder buffer of a big weight is mmapp
 every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded
 random weights, one prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine
 (runtime/tuning.py);
+`--pack` says which kinds of layer the packed UNet packs (default: conv,linear, as `fastldm.load`), `--against`
+which the UNet it is compared to packs (default: none);
 per-round times, their medians, the ratio, and the outputs' max relative difference; the first call of each
 (the packed one packs there) and two batch-1 calls after the rounds (a changed shape: the packed layers go back
 to their plain weights once, then run as plain ones).
@@ -32,7 +36,7 @@ from fastldm.bench.ablation import random_unet, unet_inputs
 from fastldm.families import PRESETS
 from fastldm.runtime.device import configure_process, cpu_info
 from fastldm.runtime.optimize import layout
-from fastldm.runtime.prepack import PackedConv2d, prepack_convs
+from fastldm.runtime.prepack import PackedConv2d, prepack
 from fastldm.runtime.tuning import choose
 
 
@@ -73,14 +77,15 @@ def layer_table(shapes: Counter, batch: int = 2) -> list[dict]:
     return rows
 
 
-def unet_ab(latent: int, rounds: int) -> dict:
+def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[str]) -> dict:
     config = PRESETS["sd1"].unet
     cpu = torch.device("cpu")
     plain = layout("unet", random_unet(config), cpu)
     packed = layout("unet", random_unet(config), cpu)
-    n = prepack_convs(packed)
     inputs = unet_inputs(config, latent, cpu, torch.float32)
     shapes = conv_shapes(plain, inputs)
+    prepack(plain, against)
+    n = prepack(packed, pack)
     times = {"plain": [], "packed": []}
     kernels = ops.Kernels(preferred=choose(PRESETS["sd1"]).preferred())
     single = {k: v[:1] for k, v in inputs.items()}  # batch 1: what an unguided call, or a shrunk batch, sends
@@ -92,8 +97,8 @@ def unet_ab(latent: int, rounds: int) -> dict:
     with torch.inference_mode(), ops.using(kernels):
         first = {"plain": timed(plain, inputs), "packed": timed(packed, inputs)}  # the packed UNet packs here
         err = ((plain(**inputs) - packed(**inputs)).abs().max() / plain(**inputs).abs().max()).item()
-        for _ in range(rounds):
-            for name, unet in (("plain", plain), ("packed", packed)):
+        for i in range(rounds):  # each first in turn
+            for name, unet in (("plain", plain), ("packed", packed))[::1 if i % 2 == 0 else -1]:
                 times[name].append(timed(unet, inputs))
         # a change of batch: the packed layers go back to their plain weights (a one-off), then run plain
         change = {name: [timed(unet, single), timed(unet, single)] for name, unet in (("plain", plain),
@@ -101,6 +106,7 @@ def unet_ab(latent: int, rounds: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"latent": latent, "packed_layers": n, "seconds": times, "median_s": med, "first_call_s": first,
             "batch_change_s": change, "speedup": med["plain"] / med["packed"], "max_rel_diff": err,
+            "pairwise": statistics.median(a / b for a, b in zip(times["plain"], times["packed"], strict=True)),
             "shapes": shapes}
 
 
@@ -109,28 +115,36 @@ def main() -> None:
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pack", default="conv,linear", help="kinds of layer the packed UNet packs")
+    ap.add_argument("--against", default="", help="kinds of layer the UNet it is compared to packs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    pack, against = (frozenset(k for k in v.split(",") if k) for v in (args.pack, args.against))
     configure_process(args.threads)  # threads and glibc's malloc as the CLI sets them
     info = cpu_info()
     print(f"{platform.processor() or info.name}; avx512_bf16: {info.bf16}; threads {args.threads}; "
           f"torch {torch.__version__}")
-    out = {"cpu": info.name, "bf16": info.bf16, "threads": args.threads, "torch": torch.__version__, "sizes": {}}
+    out = {"cpu": info.name, "bf16": info.bf16, "threads": args.threads, "torch": torch.__version__,
+           "pack": sorted(pack), "against": sorted(against), "sizes": {}}
     for size in (int(s) for s in args.sizes.split(",")):
-        r = unet_ab(size // 8, args.rounds)
-        rows = layer_table(r.pop("shapes"))
+        r = unet_ab(size // 8, args.rounds, pack, against)
+        shapes = r.pop("shapes")
+        rows = layer_table(shapes) if "conv" in pack - against else []
         plain_sum = sum(x["plain_ms"] * x["count"] for x in rows)
         packed_sum = sum(x["packed_ms"] * x["count"] for x in rows)
-        print(f"\n{size}² ({size // 8}² latent), batch 2, fp32: each conv shape alone (median ms)")
-        print("| in → out | k / stride | spatial | calls | plain | packed | × |")
-        print("|---|---|---:|---:|---:|---:|---:|")
-        for x in rows:
-            print(f"| {x['in']} → {x['out']} | {x['k']}×{x['k']} / {x['stride']} | {x['hw']}² | {x['count']} | "
-                  f"{x['plain_ms']:.1f} | {x['packed_ms']:.1f} | {x['plain_ms'] / x['packed_ms']:.2f} |")
-        print(f"| all, × calls | | | | {plain_sum:.0f} | {packed_sum:.0f} | {plain_sum / packed_sum:.2f} |")
-        print(f"whole UNet call, alternated, {args.rounds} rounds: plain {r['median_s']['plain']:.3f} s, packed "
-              f"{r['median_s']['packed']:.3f} s → {r['speedup']:.2f}× ({r['packed_layers']} layers packed; "
-              f"max rel diff {r['max_rel_diff']:.1e})")
+        if rows:
+            print(f"\n{size}² ({size // 8}² latent), batch 2, fp32: each conv shape alone (median ms)")
+            print("| in → out | k / stride | spatial | calls | plain | packed | × |")
+            print("|---|---|---:|---:|---:|---:|---:|")
+            for x in rows:
+                print(f"| {x['in']} → {x['out']} | {x['k']}×{x['k']} / {x['stride']} | {x['hw']}² | {x['count']} | "
+                      f"{x['plain_ms']:.1f} | {x['packed_ms']:.1f} | {x['plain_ms'] / x['packed_ms']:.2f} |")
+            print(f"| all, × calls | | | | {plain_sum:.0f} | {packed_sum:.0f} | {plain_sum / packed_sum:.2f} |")
+        print(f"\n{size}²: whole UNet call, alternated, {args.rounds} rounds: 'plain' (packing "
+              f"{', '.join(sorted(against)) or 'nothing'}) {r['median_s']['plain']:.3f} s, packed "
+              f"({', '.join(sorted(pack))}) {r['median_s']['packed']:.3f} s → {r['speedup']:.3f}× (pairwise "
+              f"median {r['pairwise']:.3f}×; {r['packed_layers']} layers packed; max rel diff "
+              f"{r['max_rel_diff']:.1e})")
         f, c = r["first_call_s"], r["batch_change_s"]
         print(f"first call (the packed UNet packs): plain {f['plain']:.3f} s, packed {f['packed']:.3f} s; then batch 1 "
               f"twice (packed layers go back to plain weights): plain {c['plain'][0]:.3f}, {c['plain'][1]:.3f} s, "

@@ -15,6 +15,7 @@ from .ops.registry import Kernels
 from .runtime.device import default_dtype
 from .runtime.memory_plan import MemoryPlanner
 from .runtime.optimize import optimize
+from .runtime.prepack import KINDS
 from .runtime.quant import int8_layer
 from .runtime.residency import Residency
 from .runtime.weight_storage import store_16bit
@@ -60,9 +61,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     cuda_graphs: capture and replay the UNet call as a CUDA graph per input shape (default: on where the UNet
     runs on CUDA, is not compiled and stays resident: 2.4× faster per step on an H200; False turns it off);
     backends: {op: backend} forced for this pipeline only (see `fastldm.ops.backends(op)`), e.g.
-    {"attention": "reference"}; on a CPU the UNet's convolutions run with oneDNN-packed weights
-    (runtime/prepack.py) unless a conv2d backend is forced or tuning measured packing slower. tune: on a CPU
-    with no dtype given, pick the dtype, the attention kernel and whether to pack convolution weights by
+    {"attention": "reference"}; on a CPU the UNet's convolutions, and its linears at few rows, run with
+    oneDNN-packed weights (runtime/prepack.py) unless tuning measured packing slower (or, for convolutions, a
+    conv2d backend is forced). tune: on a CPU with no dtype given, pick the dtype, the attention kernel and
+    whether to pack convolution and linear weights by
     measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
     `pipe.runtime_choice` says what was chosen.
 
@@ -97,6 +99,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     graphs = cuda_graphs_wanted(cuda_graphs, device, bool(compile), "unet" in staged)  # refuses before reading
     optimize({}, device, quant=quant)   # checks the setting before anything is read
     compute = dtype if planner is None else planner.compute
+    # Layers whose weights are packed for oneDNN (runtime/prepack.py): those measured faster packed here, less
+    # the convolutions where a conv2d backend is forced (packed layers would not reach it) and the linears of a
+    # compiled UNet (inductor lowers oneDNN's packed linear only for the frozen weights of its own freezing).
+    packed_kinds = KINDS if choice is None else choice.packed_kinds
+    packed_kinds -= {"conv"} if "conv2d" in kernels.forced else set()
+    packed_kinds -= {"linear"} if compile else set()
     # With a memory plan, an int8 UNet is quantized layer by layer as it is read: never whole in float.
     while_reading = planner is not None and quant == "int8"
     options = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
@@ -110,8 +118,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         """Loaded components as they run: layout, int8 or packed convolutions (runtime/optimize.py), 16-bit
         widening."""
         optimize(found, device, quant=None if while_reading else quant, dtype=compute,
-                 pack=not while_reading and "unet" not in storage and "conv2d" not in kernels.forced
-                 and (choice is None or choice.pack == "faster"))
+                 pack=frozenset() if while_reading or "unet" in storage else packed_kinds)
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

@@ -21,7 +21,7 @@ TINY = UNetConfig(block_out_channels=(32, 64), layers_per_block=(1, 1), cross_at
 TINY_XL = dataclasses.replace(TINY, use_linear_projection=True, cross_attention_dim=32, addition_time_embed_dim=8,
                               projection_class_embeddings_input_dim=16 + 6 * 8)
 NAMES = ["Baseline", "+Opt. softmax", "+S-GN/GELU", "+FlashAttn", "+FlashAttn CPU", "+Winograd", "+Packed conv",
-         "+CUDA graphs",
+         "+Packed linear", "+CUDA graphs",
          "diffusers eager", "diffusers + torch.compile"]
 
 
@@ -69,12 +69,19 @@ def test_ablation_table_on_cpu(one_thread):
     # packed oneDNN weights: Winograd dropped (conv2d backends do not reach packed layers), the rest kept; the
     # same convolutions in another weight layout (tests/runtime/test_prepack.py's tolerance)
     packed = rows["+Packed conv"]
+    convs = sum(m.weight.numel() * 4 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     if prepack.unsupported(torch.float32) is None:
         assert packed["na"] is None and packed["backends"].endswith("+ packed conv weights")
         assert "winograd" not in packed["backends"] and packed["rel_err"] < 1e-5
-        convs = sum(m.weight.numel() * 4 for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
         assert packed["weight_mb"] == round((params + convs) / 2**20, 1)  # the twin's packed copies
         assert isinstance(unet.conv_in, torch.nn.Conv2d)  # the table's UNet itself stays plain
+    both = rows["+Packed linear"]
+    if prepack.unsupported(torch.float32, "linear") is None:
+        assert both["na"] is None and both["backends"].endswith("+ packed conv and linear weights")
+        assert both["rel_err"] < 1e-5
+        # an 8×8 latent: every linear runs at MAX_ROWS rows or fewer, so the twin packs them all
+        linears = sum(m.weight.numel() * 4 for m in unet.modules() if isinstance(m, torch.nn.Linear))
+        assert both["weight_mb"] == round((params + convs + linears) / 2**20, 1)
 
     table = A.markdown(result)
     assert table.count("n/a (Triton needs CUDA)") == 3 and "| Baseline | reference |" in table
@@ -104,8 +111,9 @@ def test_ablation_rows_run_on_cuda():
         pytest.skip("run with TRITON_INTERPRET=0 to compile the Triton kernels for the GPU")
     unet = A.random_unet(TINY, "cuda", torch.float16)
     rows = {r["name"]: r for r in A.run_ablation(unet, latent=8, repeats=2, peers=False)["rows"]}
-    cpu_only = {"+FlashAttn CPU": "flash_cpu is a CPU kernel", "+Packed conv": "packed oneDNN weights are a CPU layout"}
-    for name in NAMES[:8]:
+    cpu_only = {"+FlashAttn CPU": "flash_cpu is a CPU kernel", "+Packed conv": "packed oneDNN weights are a CPU layout",
+                "+Packed linear": "packed oneDNN weights are a CPU layout"}
+    for name in NAMES[:9]:
         if name in cpu_only:
             assert rows[name]["na"] == cpu_only[name], rows[name]
         else:

@@ -8,7 +8,6 @@ import torch
 
 from fastldm.runtime import compile as rc
 from fastldm.runtime import prepack
-from fastldm.runtime.prepack import prepack_convs
 from .test_optimize import tiny_unet, unet_inputs
 
 
@@ -24,8 +23,8 @@ def test_cache_dir_default_and_override(monkeypatch, tmp_path):
 @pytest.mark.slow  # inductor compiles C++ for every fused kernel: ~1-2 min for the tiny UNet on 2 cores
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 def test_compiled_unet_matches_eager(monkeypatch, tmp_path, packed):
-    """packed: convolutions with oneDNN-packed weights (runtime/prepack.py, the CPU default), packed by the
-    first compiled call itself."""
+    """packed: convolutions and linears with oneDNN-packed weights (runtime/prepack.py, the CPU default),
+    packed by the first compiled call itself."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     eager = tiny_unet()
     x, t, ctx = unet_inputs()
@@ -33,7 +32,7 @@ def test_compiled_unet_matches_eager(monkeypatch, tmp_path, packed):
         ref = eager(x, t, ctx)
     twin = copy.deepcopy(eager)
     if packed:
-        prepack_convs(twin)
+        prepack.prepack(twin)
         monkeypatch.setattr(prepack, "TRIM_BYTES", 0)  # the hand-back to the system runs inside the traced call too
     compiled = rc.compile_module(twin)
     report = rc.timed_first_call(compiled, x, t, ctx)

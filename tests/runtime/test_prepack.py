@@ -1,7 +1,8 @@
-"""Convolutions with oneDNN-packed weights (runtime/prepack.py) against F.conv2d, and where load packs them.
+"""Convolutions and linears with oneDNN-packed weights (runtime/prepack.py) against F.conv2d and F.linear, and
+where load packs them.
 
-Tolerance: oneDNN runs the same fp32 convolution either way, only the weight's layout differs, so the sums may
-be ordered differently: relative 1e-5 of the output's range (fp32 round-off over ≤ 1,152 products is ~1e-6)."""
+Tolerance: oneDNN runs the same fp32 product either way, only the weight's layout differs, so the sums may be
+ordered differently: relative 1e-5 of the output's range (fp32 round-off over ≤ 1,152 products is ~1e-6)."""
 from __future__ import annotations
 
 import numpy as np
@@ -45,6 +46,42 @@ def test_packed_conv_matches_f_conv2d(cin, cout, k, stride, padding, bias, hw):
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(out, ref) < TOL and rel_err(out_cl, ref) < TOL
     assert packed.weight.is_mkldnn and packed.packed_for == tuple(x.shape)
+
+
+@pytest.mark.parametrize("shape,bias", [
+    ((2, 64, 320), True),       # a token sequence, CFG batch 2: 128 rows
+    ((154, 768), False),        # the text context's K/V projection, 2-D
+    ((2, 1280), True),          # the time embedding: 2 rows
+    ((3, 5, 7, 320), True),     # more leading dims
+])
+def test_packed_linear_matches_f_linear(shape, bias):
+    torch.manual_seed(shape[-1] + len(shape))
+    layer = nn.Linear(shape[-1], 96, bias=bias).requires_grad_(False)
+    packed = prepack.PackedLinear(layer)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        ref = F.linear(x, layer.weight, layer.bias)
+        out = packed(x)
+        strided = packed(x.transpose(0, -2).contiguous().transpose(0, -2)) if x.dim() > 2 else out  # not contiguous
+    rows = x.numel() // shape[-1]
+    assert out.shape == ref.shape and rel_err(out, ref) < TOL and rel_err(strided, ref) < TOL
+    assert packed.weight.is_mkldnn and packed.packed_for == (rows,)
+
+
+def test_a_linear_packs_only_for_few_rows(monkeypatch):
+    """More than MAX_ROWS rows run plain (packing measured level or slower there), and do not disturb a packing
+    for few rows beyond the usual return to the plain weight."""
+    monkeypatch.setattr(prepack, "REPACK_AFTER", 2)
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32).requires_grad_(False)
+    packed = prepack.PackedLinear(layer)
+    many, few = torch.randn(prepack.MAX_ROWS + 1, 64), torch.randn(prepack.MAX_ROWS, 64)
+    with torch.inference_mode():
+        for x, after in ((many, None), (many, None), (few, (prepack.MAX_ROWS,)),    # first packable call packs
+                         (many, None), (few, None), (few, (prepack.MAX_ROWS,))):   # REPACK_AFTER in a row: again
+            assert rel_err(packed(x), F.linear(x, layer.weight, layer.bias)) < TOL
+            assert packed.packed_for == after
+    assert packed.packs == 2
 
 
 def test_a_new_shape_runs_plain_until_it_stays(monkeypatch):
@@ -129,8 +166,9 @@ def test_prepacked_unet_matches_and_holds_no_extra_weights():
     plain, packed = tiny_unet(), tiny_unet()
     n_convs = sum(isinstance(m, nn.Conv2d) for m in plain.modules())
     bytes_before = sum(t.numel() * t.element_size() for t in (*packed.parameters(), *packed.buffers()))
-    assert prepack.prepack_convs(packed) == n_convs
-    assert not any(isinstance(m, nn.Conv2d) for m in packed.modules())
+    n_linears = sum(isinstance(m, nn.Linear) for m in plain.modules())
+    assert prepack.prepack(packed) == n_convs + n_linears
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in packed.modules())
     x, t, ctx = unet_inputs(seed=5)
     with torch.inference_mode():
         ref = plain(x, t, ctx)
@@ -145,18 +183,21 @@ def test_optimize_packs_float_unets_on_cpu_only():
     cpu = torch.device("cpu")
     kinds = lambda m: {type(c).__name__ for c in m.modules()}
     mods = optimize.optimize({"unet": tiny_unet()}, cpu)
-    assert "PackedConv2d" in kinds(mods["unet"]) and "Conv2d" not in kinds(mods["unet"])
-    assert "Conv2d" in kinds(optimize.optimize({"unet": tiny_unet()}, cpu, pack=False)["unet"])
+    assert {"PackedConv2d", "PackedLinear"} <= kinds(mods["unet"]) and not {"Conv2d", "Linear"} & kinds(mods["unet"])
+    assert {"Conv2d", "Linear"} <= kinds(optimize.optimize({"unet": tiny_unet()}, cpu, pack=frozenset())["unet"])
+    convs_only = kinds(optimize.optimize({"unet": tiny_unet()}, cpu, pack=frozenset({"conv"}))["unet"])
+    assert "PackedConv2d" in convs_only and "Linear" in convs_only and "PackedLinear" not in convs_only
     vae = nn.Sequential(nn.Conv2d(3, 8, 3))
     assert isinstance(optimize.optimize({"vae": vae}, cpu)["vae"][0], nn.Conv2d)  # the UNet only
     half = optimize.optimize({"unet": tiny_unet(torch.float16)}, cpu)["unet"]   # fp16: oneDNN does not pack it
-    assert "PackedConv2d" not in kinds(half)
-    assert optimize.packable(mods["unet"]) is False   # already packed: nothing left to pack
+    assert not {"PackedConv2d", "PackedLinear"} & kinds(half)
+    assert optimize.packable(mods["unet"]) == frozenset()   # already packed: nothing left to pack
 
 
 def test_unsupported_names_the_reason():
-    assert prepack.unsupported(torch.float32) is None
+    assert prepack.unsupported(torch.float32) is None and prepack.unsupported(torch.float32, "linear") is None
     assert "float16" in prepack.unsupported(torch.float16)
+    assert "linear" in prepack.unsupported(torch.float16, "linear")
 
 
 def test_load_packs_the_unet_and_memory_low_does_not(tmp_path):
@@ -178,14 +219,17 @@ def test_load_packs_the_unet_and_memory_low_does_not(tmp_path):
 @pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl", "ldm3d", "lcm"])
 def test_packed_pipelines_of_every_family_draw_what_plain_ones_do(tmp_path, monkeypatch, family):
     """Through whole generations of each family's tiny model (SDXL's added conditioning, LDM3D's RGBD VAE, v-
-    prediction, LCM's guidance embedding): a packed pipeline at one size, then another size (the layers go back
+    prediction, LCM's guidance embedding): a pipeline with packed convolutions and linears at one size, then another size (the layers go back
     to plain weights), then two images at once (a new batch, packed again after REPACK_AFTER calls) draws what a
     plain pipeline does."""
     monkeypatch.setattr(prepack, "REPACK_AFTER", 3)
     save_random_folder(f"tiny:{family}", tmp_path / "m", dtype=torch.float32)
     packed = load(tmp_path / "m", dtype="fp32")
-    plain = load(tmp_path / "m", dtype="fp32", backends={"conv2d": "reference"})
-    assert not any(isinstance(m, prepack.PackedConv2d) for m in plain.unet.modules())
+    with monkeypatch.context() as m:
+        m.setattr("fastldm.api.KINDS", frozenset())  # what load packs when tuning did not say
+        plain = load(tmp_path / "m", dtype="fp32")
+    assert not any(isinstance(m, prepack.PackedLayer) for m in plain.unet.modules())
+    assert any(isinstance(m, prepack.PackedLinear) for m in packed.unet.modules())
     for kw in ({"width": 16, "height": 16}, {"width": 24, "height": 16}, {"width": 24, "height": 16, "n": 2}):
         kw |= {"prompt": "a red cube", "steps": 4, "seed": 3, "sampler": "Euler"}
         for a, b in zip(packed.generate(**kw).images, plain.generate(**kw).images, strict=True):
@@ -205,16 +249,25 @@ def test_forcing_a_conv2d_backend_keeps_plain_layers(tmp_path):
 def test_state_dict_holds_the_plain_weights():
     """Exports of a loaded pipeline are unchanged by packing: the state dict unpacks; loading one repacks."""
     plain, packed = tiny_unet(), tiny_unet()
-    prepack.prepack_convs(packed)
+    prepack.prepack(packed)
     x, t, ctx = unet_inputs(seed=2)
     with torch.inference_mode():
         packed(x, t, ctx)  # packs every layer
     ref, sd = plain.state_dict(), packed.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
     other = tiny_unet()
-    prepack.prepack_convs(other)
+    prepack.prepack(other)
     source = randomize_(tiny_unet(), seed=9, std=0.1)
     other.load_state_dict(source.state_dict())
     with torch.inference_mode():
         assert rel_err(other(x, t, ctx), source(x, t, ctx)) < TOL
     assert other.conv_in.packed_for == tuple(x.shape)  # a loaded state is packed again at its first call
+
+
+def test_a_compiled_unet_keeps_its_linears_plain(tmp_path):
+    """Inductor lowers oneDNN's packed linear only for the weights its own freezing folds, so load leaves a
+    compiled UNet's linears plain (its convolutions still pack; compiling itself happens at the first call)."""
+    save_random_folder("tiny:sd1", tmp_path / "m", dtype=torch.float32)
+    pipe = load(tmp_path / "m", dtype="fp32", compile=True)
+    kinds = {type(m) for m in pipe.unet.modules()}
+    assert prepack.PackedConv2d in kinds and prepack.PackedLinear not in kinds and nn.Linear in kinds

@@ -12,7 +12,7 @@ import fastldm
 from fastldm.cli import main
 from fastldm.families import PRESETS
 from fastldm.runtime import device, tuning
-from fastldm.runtime.prepack import PackedConv2d
+from fastldm.runtime.prepack import PackedConv2d, PackedLinear
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +85,26 @@ def test_packing_is_measured_on_the_deepest_conv_and_load_follows_it(monkeypatch
     assert any(isinstance(m, PackedConv2d) for m in pipe.unet.modules()) == (verdict == "faster")
 
 
+@pytest.mark.skipif(tuning.unpackable(torch.float32, "linear") is not None, reason="no oneDNN packing here")
+@pytest.mark.parametrize("packed_ms,verdict", [(0.6, "faster"), (1.4, "slower")])
+def test_linear_packing_is_measured_at_few_rows_and_load_follows_it(monkeypatch, packed_ms, verdict):
+    _fake_cpu(monkeypatch, {"avx2"})
+    calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0, "Linear float32": 1.0,
+                                      "PackedLinear float32": packed_ms})
+    choice = tuning.measure(PRESETS["sd1"])
+    # SD 1.5's deepest level at 512²: 8×8 = 64 tokens, CFG batch 2 -> 128 rows; its GEGLU product 1,280 -> 10,240.
+    assert choice.pack_linear == verdict and choice.ms["linear 128x1280x10240 packed"] == packed_ms
+    assert "PackedLinear float32" in calls
+    assert ("linears" in str(choice)) == (verdict == "faster")
+    assert tuning.linear_weights(choice).startswith("packed" if verdict == "faster" else "plain (packing measured")
+    # SDXL at its 1024² default: 32×32 tokens at the deepest level, more than packing serves: measured at MAX_ROWS
+    assert "linear 256x1280x10240 packed" in tuning.measure(PRESETS["sdxl"]).ms
+    monkeypatch.setattr("fastldm.api.choose", lambda config: choice)
+    pipe = fastldm.load(fastldm.default_model())
+    assert any(isinstance(m, PackedLinear) for m in pipe.unet.modules()) == (verdict == "faster")
+    assert not any(isinstance(m, torch.nn.Linear) for m in pipe.unet.modules()) == (verdict == "faster")
+
+
 def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):
     """The 1×1 probe of `unpackable` passed but the model's own deepest layer does not pack: plain, with why."""
     _fake_cpu(monkeypatch, {"avx2"})
@@ -93,7 +113,7 @@ def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):
     def refuse(*args):
         raise RuntimeError("could not create a primitive descriptor for a reorder primitive\nmore")
 
-    monkeypatch.setattr(tuning, "unpackable", lambda dtype: None)
+    monkeypatch.setattr(tuning, "unpackable", lambda dtype, kind="conv": None)
     real = tuning.autotune.time_ms
     monkeypatch.setattr(tuning.autotune, "time_ms", lambda fn, *a, **k: refuse() if isinstance(fn, PackedConv2d)
                         else real(fn, *a, **k))
@@ -125,6 +145,7 @@ def test_load_applies_and_reports_the_choice(tmp_path):
     assert choice.dtype == "fp32"                     # a 64-channel model: too small for bf16 to pay
     assert choice.pack in ("faster", "slower") or choice.pack.startswith("unavailable: ")
     assert any(isinstance(m, PackedConv2d) for m in pipe.unet.modules()) == (choice.pack == "faster")
+    assert any(isinstance(m, PackedLinear) for m in pipe.unet.modules()) == (choice.pack_linear == "faster")
     assert pipe.kernels.preferred == choice.preferred()
     result = pipe.generate("a red cube", steps=2, seed=0)
     from fastldm.api import parameters_text

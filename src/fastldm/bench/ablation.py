@@ -9,6 +9,7 @@ Rows are cumulative backend sets, applied with `fastldm.ops.use` on top of the r
     +Winograd       + conv2d "triton_winograd" on CUDA, "winograd" on CPU (F(4×4, 3×3), §3.3)
     +Packed conv    the convolutions' weights packed for oneDNN once per input shape instead of Winograd
                     (runtime/prepack.py; CPU): a twin of the UNet sharing every other tensor
+    +Packed linear  + the linears' weights packed too, for the calls of few rows (prepack.MAX_ROWS)
     +CUDA graphs    + the step captured and replayed (fastldm.runtime.cuda_graph)
 A row that cannot run on the device is reported as "n/a (why)" and adds nothing to the rows after it, so
 the `backends` column always says what ran. Peers in the same run, on the same weights (shared, not
@@ -23,7 +24,7 @@ ops and compiled code count too); beside it the live-set lower bound of the same
 fastldm.runtime.memory_trace (every op output freed right after its last use; a CUDA graph replays the op
 order of the row before it; n/a under torch.compile, whose kernels allocate out of the dispatcher's sight);
 Weight MB, the parameter bytes plus the transformed weights Winograd keeps (or the packed copies the twin
-holds); the first call's time
+holds after its first call); the first call's time
 (compilation, capture); and max|out − Baseline out| / max|Baseline out|.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..errors import BackendUnavailable, RequestError
 from ..models import UNet2DConditionModel
 from ..ops import autotune, flash_attention_cpu, registry, winograd
 from ..runtime.memory_trace import MemoryTrace
-from ..runtime.prepack import prepack_convs, unsupported as unpackable
+from ..runtime.prepack import KINDS, PackedLayer, prepack, unsupported as unpackable
 
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("Baseline", {}),
@@ -60,6 +61,7 @@ ROWS: list[tuple[str, dict[str, str]]] = [
     ("+FlashAttn CPU", {"attention": "flash_cpu"}),
     ("+Winograd", {"conv2d": "winograd"}),  # "triton_winograd" on CUDA; 3×3 stride-1 convs only
     ("+Packed conv", {}),                    # conv2d backends do not apply to packed layers: Winograd dropped
+    ("+Packed linear", {}),
     ("+CUDA graphs", {}),
 ]
 CONTEXT_TOKENS = 77
@@ -185,17 +187,19 @@ def _winograd_bytes(module: nn.Module) -> int:
                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1))
 
 
-def _packed_twin(unet: nn.Module) -> nn.Module:
-    """`unet`'s module tree with its convolutions packed (runtime/prepack.py), sharing every tensor with it until
-    the first call packs the twin's own copies of the convolution weights."""
+def _packed_twin(unet: nn.Module, kinds: frozenset[str]) -> nn.Module:
+    """`unet`'s module tree with its layers of `kinds` packed (runtime/prepack.py), sharing every tensor with it
+    until the first call packs the twin's own copies of their weights."""
     shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
     twin = copy.deepcopy(unet, memo=shared)
-    prepack_convs(twin)
+    prepack(twin, kinds)
     return twin
 
 
-def _conv_bytes(module: nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Conv2d))
+def _packed_bytes(module: nn.Module) -> int:
+    """Bytes of the packed weights `module` holds (the copies of a packed twin)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules()
+               if isinstance(m, PackedLayer) and m.packed_for is not None)
 
 
 @contextlib.contextmanager
@@ -229,16 +233,17 @@ def _fastldm_rows(unet: nn.Module, args: dict, device: torch.device,
     for name, extra in ROWS:
         if name == "+Winograd" and device.type == "cuda":
             extra = {"conv2d": "triton_winograd"}
-        graphs, packed = name == "+CUDA graphs", name == "+Packed conv"
+        graphs = name == "+CUDA graphs"
+        packed = {"+Packed conv": frozenset({"conv"}), "+Packed linear": KINDS}.get(name, frozenset())
         trial = {op: b for op, b in active.items() if op != "conv2d"} if packed else active | extra
         label = "; ".join(["reference"] + [f"{op}={b}" + (" (3x3 stride 1)" if op == "conv2d" else "")
                                            for op, b in trial.items()]) + (" + CUDA graph" if graphs else "") + (
-            " + packed conv weights" if packed else "")
+            " + packed " + " and ".join(sorted(packed)) + " weights" if packed else "")
         missing = [f"{b} for {op}" for op, b in extra.items() if b not in registry.backends(op)]
         why = ("Triton needs CUDA" if device.type != "cuda" and any(b.startswith("triton") for b in extra.values())
                else "CUDA graphs need CUDA" if graphs and device.type != "cuda"
                else "packed oneDNN weights are a CPU layout" if packed and device.type != "cpu"
-               else unpackable(dtype) if packed
+               else next((w for w in (unpackable(dtype, kind) for kind in sorted(packed)) if w), None) if packed
                else f"backend {', '.join(missing)} is not registered (pip install triton)" if missing
                else _cpu_kernel_problem(extra, device))
         if why is not None:
@@ -250,7 +255,7 @@ def _fastldm_rows(unet: nn.Module, args: dict, device: torch.device,
             from ..runtime.cuda_graph import CUDAGraphUNet
             step = CUDAGraphUNet(unet)
         if packed:
-            step = _packed_twin(unet)
+            step = _packed_twin(unet, packed)
 
         rows.append((Row(name, label), functools.partial(_run, step, args, dict(active), device, dtype)))
     return rows
@@ -326,7 +331,7 @@ def run_ablation(unet: UNet2DConditionModel, *, latent: int, batch: int = 2, rep
             if ref is not None:
                 row.rel_err = float((out - ref).abs().max() / ref.abs().max())
             derived = (winograd.weights().nbytes if "winograd" in row.backends
-                       else _conv_bytes(unet) if "packed" in row.backends else 0)
+                       else _packed_bytes(fn.args[0]) if "packed" in row.backends else 0)  # args[0]: the twin
             row.weight_mb = round((params + derived) / 2**20, 1)
             row.tensor_mb = round(tensor / 2**20, 1)
             row.bound_mb = None if bound is None else round(bound / 2**20, 1)

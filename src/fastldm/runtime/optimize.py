@@ -3,8 +3,9 @@
 On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
 - UNet and VAE in channels_last memory: oneDNN's convolutions run natively in NHWC, and the GroupNorm /
   elementwise ops between them then need no layout conversions (a bf16 3×3 conv: 1.5× faster than NCHW);
-- the UNet's convolution weights prepacked into oneDNN's blocked layout (runtime/prepack.py; a 256² UNet call
-  1.08-1.09× faster, 512² 1.01-1.02×), where its weights are fp32 or native bf16 and held in that dtype;
+- the UNet's convolution weights, and its linears' where they run at few rows, prepacked into oneDNN's blocked
+  layout (runtime/prepack.py; convolutions: a 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×; linears: 1.03×
+  more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, SettingError
-from .prepack import prepack_convs
+from .prepack import KINDS, prepack
 from .prepack import unsupported as unpackable
 from .quant import quantize_int8
 
@@ -31,11 +32,12 @@ def layout(name: str, module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None,
-             dtype: torch.dtype | None = None, pack: bool = True) -> dict[str, nn.Module]:
+             dtype: torch.dtype | None = None, pack: frozenset[str] = KINDS) -> dict[str, nn.Module]:
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
-    loads it in fp16 to quantize, and computes in fp32). pack: prepack a float UNet's convolution weights on CPU
-    (the caller says False where the weights are stored in 16 bits and widened per call)."""
+    loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
+    of "conv" and "linear" (the caller passes none where the weights are stored in 16 bits and widened per call,
+    and only the kinds the machine's tuning measured faster)."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
     for name in ("unet", "vae"):
@@ -48,13 +50,17 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
         quantize_int8(modules["unet"], dtype=dtype)
         if dtype is not None:
             modules["unet"].to(dtype)  # what stays float (norms, unquantized layers) computes in `dtype`
-    elif pack and device.type == "cpu" and "unet" in modules and packable(modules["unet"]):
-        prepack_convs(modules["unet"])
+    elif device.type == "cpu" and "unet" in modules:
+        prepack(modules["unet"], packable(modules["unet"], pack))
     return modules
 
 
-def packable(unet: nn.Module) -> bool:
-    """Whether `unet`'s convolution weights can be prepacked: float weights oneDNN packs on this CPU, not
+def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
+    """Which of `kinds` `unet` has layers of that can be prepacked: float weights oneDNN packs on this CPU, not
     already packed or quantized."""
-    w = next((m.weight for m in unet.modules() if isinstance(m, nn.Conv2d)), None)
-    return w is not None and w.device.type == "cpu" and unpackable(w.dtype) is None
+    found = set()
+    for kind, cls in (("conv", nn.Conv2d), ("linear", nn.Linear)):
+        w = next((m.weight for m in unet.modules() if isinstance(m, cls)), None) if kind in kinds else None
+        if w is not None and w.device.type == "cpu" and unpackable(w.dtype, kind) is None:
+            found.add(kind)
+    return frozenset(found)

@@ -16,6 +16,9 @@ candidates that matter on the model's real shapes, for a few seconds:
                 against its weight packed for oneDNN (runtime/prepack.py): the deep levels are where packing
                 pays (1.7× at SD 1.5's 4² latents on an AVX2 EPYC) or does not, and `fastldm.load` packs only
                 where it measured faster
+    linear pack the feed-forward (GEGLU) product of the UNet's deepest level at few rows (CFG batch 2 at the
+                default size, at most prepack.MAX_ROWS), plain against its weight packed for oneDNN: the
+                small-row products are the only ones packing serves (1.2× on SD 1.5's 64-token level)
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
 CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
@@ -35,11 +38,11 @@ from ..config import ModelConfig
 from ..files import atomic_write_bytes, cache_root
 from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
-from .prepack import PackedConv2d
+from .prepack import MAX_ROWS, PackedConv2d, PackedLinear
 from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
 
-FORMAT = "fastldm-tuning-2"
+FORMAT = "fastldm-tuning-3"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -49,6 +52,7 @@ class RuntimeChoice:
     attention: str                               # the attention backend `auto` tries first in that dtype
     int8: str                                    # "faster" | "slower" | "unavailable: <why>"
     pack: str = "unavailable: not measured"      # packed conv weights: "faster" | "slower" | "unavailable: <why>"
+    pack_linear: str = "unavailable: not measured"   # packed small-row linear weights: the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -60,8 +64,14 @@ class RuntimeChoice:
         """The `preferred` table of a registry.Kernels that applies the choice."""
         return {("attention", "cpu", self.torch_dtype): self.attention}
 
+    @property
+    def packed_kinds(self) -> frozenset[str]:
+        """The kinds of UNet layer (runtime/prepack.py) whose weights measured faster packed."""
+        return frozenset(k for k, v in (("conv", self.pack), ("linear", self.pack_linear)) if v == "faster")
+
     def __str__(self) -> str:
-        return f"cpu {self.dtype}; attention {self.attention}" + ("; packed convs" if self.pack == "faster" else "")
+        packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
+        return f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
 
 
 def cache_dir() -> Path:
@@ -80,10 +90,12 @@ def _shapes(config: ModelConfig) -> dict:
     tokens = (latent // 2 ** first) ** 2
     width = u.block_out_channels[first]
     deepest = len(u.block_out_channels) - 1
+    deep_tokens = max(1, latent // 2 ** deepest) ** 2
     return {"conv": (min(u.block_out_channels[level], 640), max(1, min(8, latent // 2 ** level))),
             "matmul": (min(tokens, 512), width),
             "attention": (tokens, width // u.attention_heads[first]),
-            "deep conv": (u.block_out_channels[deepest], max(1, latent // 2 ** deepest))}
+            "deep conv": (u.block_out_channels[deepest], max(1, latent // 2 ** deepest)),
+            "deep linear": (min(2 * deep_tokens, MAX_ROWS), u.block_out_channels[deepest])}
 
 
 def _key(config: ModelConfig) -> str:
@@ -134,7 +146,8 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
     attention = _fastest_attention(shapes["attention"], dtype, ms, repeats, g)
     int8 = _int8(shapes, ms, repeats, g)
     pack = _packing(shapes["deep conv"], dtype, ms, repeats, g)
-    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack,
+    pack_linear = _linear_packing(shapes["deep linear"], dtype, ms, repeats, g)
+    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear,
                          {k: round(v, 3) for k, v in ms.items()}, key)
 
 
@@ -191,13 +204,41 @@ def _packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int,
     return "faster" if packed < plain else "slower"
 
 
+def _linear_packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int,
+                    g: torch.Generator) -> str:
+    why = unpackable(dtype, "linear")
+    if why is not None:
+        return f"unavailable: {why}"
+    M, C = shape
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, C, 8 * C, dtype=dtype).requires_grad_(False)
+    linear.weight.copy_(torch.randn(8 * C, C, generator=g) / C ** 0.5)
+    linear.bias.zero_()
+    x = torch.randn(M, C, generator=g).to(dtype)
+    ms[f"linear {M}x{C}x{8 * C} plain"] = plain = autotune.time_ms(linear, (x,), {}, torch.device("cpu"), repeats)
+    try:  # the warm-up call packs
+        packed = autotune.time_ms(PackedLinear(linear), (x,), {}, torch.device("cpu"), repeats)
+    except RuntimeError as e:
+        return f"unavailable: {str(e).strip().splitlines()[0]}"
+    ms[f"linear {M}x{C}x{8 * C} packed"] = packed
+    return "faster" if packed < plain else "slower"
+
+
 def conv_weights(choice: RuntimeChoice) -> str:
     """How a float UNet's convolution weights are held on this CPU under `choice` (runtime/prepack.py)."""
-    if choice.pack == "faster":
-        return "packed for oneDNN once per input shape (measured faster here)"
-    if choice.pack == "slower":
+    return _held(choice.pack, "packed for oneDNN once per input shape")
+
+
+def linear_weights(choice: RuntimeChoice) -> str:
+    """How a float UNet's linear weights are held on this CPU under `choice` (runtime/prepack.py)."""
+    return _held(choice.pack_linear, f"packed for oneDNN once per row count, for calls of at most {MAX_ROWS} rows")
+
+
+def _held(verdict: str, packed: str) -> str:
+    if verdict == "faster":
+        return f"{packed} (measured faster here)"
+    if verdict == "slower":
         return "plain (packing measured slower here)"
-    return f"plain ({choice.pack.removeprefix('unavailable: ')})"
+    return f"plain ({verdict.removeprefix('unavailable: ')})"
 
 
 def describe(choice: RuntimeChoice) -> str:
@@ -207,8 +248,9 @@ def describe(choice: RuntimeChoice) -> str:
     lines = [f"cpu:             {info.name} ({info.cpus} CPUs available; {', '.join(isa) or 'no x86 vector flags'})",
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
-             f"conv weights:    {conv_weights(choice)}"]
-    lines += [f"  {label:<24}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
+             f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}"]
+    width = max(map(len, choice.ms), default=0)
+    lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
     return "\n".join(lines)
 
