@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import fastldm
 from fastldm.api import EMBEDDED_MODEL
@@ -202,3 +203,15 @@ def test_a_failing_step_fails_its_jobs_and_the_worker_goes_on(scheduler, monkeyp
     assert job.status == "failed" and str(job.error) == "boom"
     monkeypatch.undo()
     assert ended(sched.submit(None, GenerationRequest("a red cube", steps=3, width=64, height=64))).status == "done"
+
+
+def test_weights_bytes_counts_a_shared_storage_once():
+    """Tied weights (one tensor in two components) and views of one storage are resident once."""
+    import types
+
+    unet, text = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    text.weight = unet.weight                                  # tied: 64 bytes, once
+    vae = torch.nn.Module()
+    vae.register_buffer("shift", unet.bias.detach()[:2])       # a view of unet.bias's 16 bytes
+    pipe = types.SimpleNamespace(unet=unet, vae=vae, text_encoder=text, text_encoder_2=None)
+    assert weights_bytes(pipe) == 64 + 16 + 16

@@ -35,6 +35,7 @@ from ..api import parameters_text, pipeline_hash
 from ..errors import Cancelled, FastLDMError, MemoryBudgetError, QueueFull, ShuttingDown
 from ..plan import Plan
 from ..request import GenerationRequest
+from ..runtime.weight_storage import stored_bytes
 from ..run import BatchedRun, Job
 from .catalog import ModelCatalog
 from .jobs import ServeJob
@@ -405,10 +406,8 @@ class Scheduler:
 
 
 def weights_bytes(pipe) -> int:
-    """Bytes of a pipeline's parameters and buffers as loaded."""
-    modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
-    return sum(t.numel() * t.element_size() for m in modules if m is not None
-               for t in (*m.parameters(), *m.buffers()))
+    """Bytes of a pipeline's parameters and buffers as loaded, each storage once (weight_storage.stored_bytes)."""
+    return stored_bytes(*(m for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if m is not None))
 
 
 def default_model_memory(device: str) -> int:
