@@ -11,20 +11,25 @@ same for compiled graphs (weights folded, then `mkldnn._reorder_convolution_weig
 
 Linears are the same story at few rows: `F.linear` (MKL's sgemm) packs its weight into panels at every call,
 which at 128 rows (SD 1.5's 64-token level, CFG batch 2) costs about what the product does once the weight
-comes from memory rather than the cache. oneDNN's `_linear_pointwise` on a weight packed once for the row
-count: the 64-token GEGLU projection 29.7 → 22.4 ms inside a 256² UNet call, its 1280×1280 products 3.6 → 2.9
-ms; a whole call 1.03× (median of 12 alternated pairs). At 512 rows and more it is level or slower (the
-256-token feed-forward output 9.7 → 10.7 ms), so a `PackedLinear` packs only for calls of MAX_ROWS rows or
-fewer and runs any larger call plain.
+comes from memory rather than the cache. oneDNN's `_linear_pointwise` on a weight packed once: the 64-token
+GEGLU projection 29.7 → 22.4 ms inside a 256² UNet call, its 1280×1280 products 3.6 → 2.9 ms; a whole call
+1.03-1.04×. At 512 rows and more it is level or slower (the 256-token feed-forward output 9.7 → 10.7 ms), so a
+`PackedLinear` runs calls of MAX_ROWS rows or fewer on its packed weight and larger ones plain. Unlike a
+convolution's, a linear's two paths are different kernels (MKL's sgemm, oneDNN's matmul) that round
+differently, so which one a call takes depends on its row count alone, never on the calls before it: the same
+request gives the same numbers whatever ran earlier. oneDNN's packed layout does not depend on the row count it
+is packed for (the outputs are bitwise the same, the times within 2 %), so one packing serves every small call.
 
-The layout oneDNN picks depends on the whole input shape, batch included: a weight packed for another shape
-is still right, but the call can be 10-25× slower than plain (1920→1280 at 8×8 packed for 64×64: 771 ms
-against 31.5) as oneDNN reorders it back or falls to a slower algorithm. So a packed layer packs at its
-first call, for that call's shape, and holds only the packed weight: no extra memory, and a run at one
-resolution and batch (every step of a generation) pays the packing once (+1.2 s on a first 256² SD 1.5 call).
-At another shape it goes back to the plain weight (+3.0 s once, at 256²) and runs as an unpacked layer, and
-packs again only for a shape met REPACK_AFTER calls in a row (a whole default generation): a server whose
-batch changes every few steps runs plain, as before packing existed, instead of paying at every change. A
+A convolution's layout is another matter: oneDNN picks it for the whole input shape, batch included, and a
+weight packed for another shape is still right but the call can be 10-25× slower than plain (1920→1280 at 8×8
+packed for 64×64: 771 ms against 31.5) as oneDNN reorders it back or falls to a slower algorithm (its plain and
+packed outputs are bitwise the same). So a packed layer packs at its first call, for that call's shape (a
+linear: for any small call), and holds only the packed weight: no extra memory, and a run at one resolution
+and batch (every step of a generation) pays the packing once (+1.2 s on a first 256² SD 1.5 call; +0.44 s
+more for its linears). At another shape a convolution goes back to the plain weight (+3.0 s once, at 256²) and
+runs as an unpacked layer, and packs again only for a shape met REPACK_AFTER calls in a row (a whole default
+generation): a server whose batch changes every few steps runs plain, as before packing existed, instead of
+paying at every change. A linear changes weight only when a call crosses MAX_ROWS, at once either way. A
 swap hands a dropped weight of TRIM_BYTES or more back to the system (`release_free_memory`): freed inside
 malloc's heap it would stay resident. Inference only. The state dict holds the plain weight (unpacked when
 asked for), so exports of a loaded pipeline are unchanged. The kernel layer's `conv2d` backends (Winograd,
@@ -90,6 +95,8 @@ class PackedLayer(nn.Module):
         """The input shape the weight is packed for; None while it is plain."""
         return self._state[1]
 
+    sticky = True   # after leaving its packing, stay plain until REPACK_AFTER calls in a row at one shape
+
     def _packs_at(self, shape: tuple[int, ...]) -> bool:
         return True
 
@@ -120,7 +127,7 @@ class PackedLayer(nn.Module):
         self.streak = self.streak + 1 if shape == self.last else 1
         self.last = shape
         plain = weight if packed_for is None else self._plain(weight)
-        if not self._packs_at(shape) or (self.packs and self.streak < REPACK_AFTER):
+        if not self._packs_at(shape) or (self.sticky and self.packs and self.streak < REPACK_AFTER):
             new, new_for = plain, None
         else:
             new, new_for = self._pack(plain, shape), shape
@@ -194,9 +201,14 @@ class PackedConv2d(PackedLayer):
 
 
 class PackedLinear(PackedLayer):
-    """An nn.Linear whose weight lives in oneDNN's blocked layout for the row count (the product of the input's
-    leading dims) of the last call it met, where that is at most MAX_ROWS. (..., in) -> (..., out). Traced by
-    torch.compile it is a plain linear (`fastldm.load` does not pack the linears of a UNet it compiles)."""
+    """An nn.Linear whose calls of at most MAX_ROWS rows (the product of the input's leading dims) run on its
+    weight packed in oneDNN's blocked layout, and larger ones on the plain weight: the weight is held in the
+    layout the last call needed. (..., in) -> (..., out). Traced by torch.compile it is a plain linear
+    (`fastldm.load` does not pack the linears of a UNet it compiles)."""
+
+    sticky = False  # the kernel follows the call's rows, so that its numbers never depend on earlier calls
+    FEW = ("at most", MAX_ROWS)    # the shape key of a small call: one packing serves every row count
+    MANY = ("more than", MAX_ROWS)
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
@@ -206,19 +218,20 @@ class PackedLinear(PackedLayer):
         if torch.compiler.is_compiling():  # inductor lowers oneDNN's packed linear only for frozen weights
             weight, packed_for = self._state
             return F.linear(x, weight if packed_for is None else weight.to_dense(), self.bias)
-        weight, packed_for = self._weight_for((x.numel() // self.in_features,))
+        weight, packed_for = self._weight_for(self.FEW if x.numel() // self.in_features <= MAX_ROWS else self.MANY)
         if packed_for is None:
             return F.linear(x, weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, self.bias, "none", [], "")
 
-    def _packs_at(self, shape: tuple[int, ...]) -> bool:
-        return shape[0] <= MAX_ROWS
+    def _packs_at(self, shape) -> bool:
+        return shape == self.FEW
 
-    def _pack(self, plain: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(plain, shape[0])
+    def _pack(self, plain: torch.Tensor, shape) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(plain, MAX_ROWS)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.weight.dtype}, packed for {self.packed_for} rows"
+        held = f"packed for calls of at most {MAX_ROWS} rows" if self.packed_for else "plain"
+        return f"{self.in_features}, {self.out_features}, {self.weight.dtype}, {held}"
 
 
 def prepack(model: nn.Module, kinds: frozenset[str] = KINDS) -> int:

@@ -230,7 +230,7 @@ def conv_weights(choice: RuntimeChoice) -> str:
 
 def linear_weights(choice: RuntimeChoice) -> str:
     """How a float UNet's linear weights are held on this CPU under `choice` (runtime/prepack.py)."""
-    return _held(choice.pack_linear, f"packed for oneDNN once per row count, for calls of at most {MAX_ROWS} rows")
+    return _held(choice.pack_linear, f"packed for oneDNN, for calls of at most {MAX_ROWS} rows")
 
 
 def _held(verdict: str, packed: str) -> str:
