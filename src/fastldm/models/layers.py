@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..runtime import context_kv
 
 
 class Conv2d(nn.Conv2d):
@@ -83,11 +84,18 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention (context given) reuses the keys and values of an earlier step of the same generation
+        where one is active (runtime/context_kv.py): the text is the same at every step."""
         B, N, C = x.shape
-        ctx = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
-        out = ops.attention(q, k, v, upcast=self.upcast)  # (B, H, N, D)
+        heads = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, M, C) -> (B, H, M, D)
+        cache = None if context is None else context_kv.current()
+        kv = None if cache is None else cache.get(self, context)
+        if kv is None:
+            ctx = x if context is None else context
+            kv = heads(self.to_k(ctx)), heads(self.to_v(ctx))
+            if cache is not None:
+                cache.put(self, context, *kv)
+        out = ops.attention(heads(self.to_q(x)), *kv, upcast=self.upcast)  # (B, H, N, D)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))
 
 
