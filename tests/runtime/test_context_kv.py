@@ -78,3 +78,23 @@ def test_batched_jobs_and_memory_budgets_compute_as_before(pipe, tmp_path):
     assert all(j.context_kv.hits == 0 for j in jobs)              # one UNet batch: a new context every step
     low = fastldm.load(fastldm.default_model(), dtype="fp32", memory="low")
     assert BatchedRun(low).add(low.plan(requests[0])).context_kv is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl", "ldm3d", "lcm"])
+def test_every_family_draws_the_same_with_the_keys_kept(tmp_path, monkeypatch, family):
+    """SDXL's two text encoders and added conditioning, LDM3D's RGBD output, v-prediction, LCM's guidance
+    embedding (no CFG batch), an img2img start: the kept keys and values give bitwise the same output."""
+    from fastldm.testing import save_random_folder
+
+    save_random_folder(f"tiny:{family}", tmp_path / "m", dtype=torch.float32)
+    pipe = fastldm.load(tmp_path / "m", dtype="fp32")
+    kw = {"prompt": "a red cube", "steps": 4, "seed": 3, "width": 24, "height": 16, "n": 2}
+    made = []
+    monkeypatch.setattr("fastldm.run.ContextKV", lambda: made.append(ContextKV()) or made[-1])
+    kept = pipe.generate(**kw)
+    init = kept.images[0]
+    again = pipe.generate(**kw | {"init_image": init, "strength": 0.6, "n": 1})
+    assert len(made) == 2 and all(kv.hits > 0 for kv in made)
+    monkeypatch.setattr("fastldm.run.ContextKV", lambda: None)
+    assert np.array_equal(kept.raw, pipe.generate(**kw).raw)
+    assert np.array_equal(again.raw, pipe.generate(**kw | {"init_image": init, "strength": 0.6, "n": 1}).raw)
