@@ -1,6 +1,8 @@
 """Convolutions with weights packed once per input shape (runtime/prepack.py) against eager `F.conv2d`, which
 lets oneDNN reorder the weight at every call: each SD 1.5 UNet convolution shape alone, then whole UNet calls;
-and the same for linears at few rows (`--pack conv,linear --against conv`: what packing linears adds).
+and the same for linears at few rows (`--pack conv,linear --against conv`: what packing linears adds) and for
+the full-resolution convolutions as Winograd layers (`--pack conv,linear,winograd --against conv,linear`;
+runtime/winograd_conv.py).
 
     python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--pack conv,linear]
                                         [--against KINDS] [--json out.json]
@@ -38,6 +40,7 @@ from fastldm.runtime.device import configure_process, cpu_info
 from fastldm.runtime.optimize import layout
 from fastldm.runtime.prepack import PackedConv2d, prepack
 from fastldm.runtime.tuning import choose
+from fastldm.runtime.winograd_conv import use_winograd
 
 
 def conv_shapes(unet: nn.Module, inputs: dict) -> Counter:
@@ -77,6 +80,11 @@ def layer_table(shapes: Counter, batch: int = 2) -> list[dict]:
     return rows
 
 
+def pack_unet(unet: nn.Module, kinds: frozenset[str]) -> int:
+    """Pack `kinds` of layer as `fastldm.load` does (Winograd layers first: they are convolutions no longer)."""
+    return (use_winograd(unet) if "winograd" in kinds else 0) + prepack(unet, kinds - {"winograd"})
+
+
 def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[str]) -> dict:
     config = PRESETS["sd1"].unet
     cpu = torch.device("cpu")
@@ -84,8 +92,8 @@ def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[s
     packed = layout("unet", random_unet(config), cpu)
     inputs = unet_inputs(config, latent, cpu, torch.float32)
     shapes = conv_shapes(plain, inputs)
-    prepack(plain, against)
-    n = prepack(packed, pack)
+    pack_unet(plain, against)
+    n = pack_unet(packed, pack)
     times = {"plain": [], "packed": []}
     kernels = ops.Kernels(preferred=choose(PRESETS["sd1"]).preferred())
     single = {k: v[:1] for k, v in inputs.items()}  # batch 1: what an unguided call, or a shrunk batch, sends

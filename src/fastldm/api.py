@@ -63,8 +63,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     backends: {op: backend} forced for this pipeline only (see `fastldm.ops.backends(op)`), e.g.
     {"attention": "reference"}; on a CPU the UNet's convolutions, and its linears at few rows, run with
     oneDNN-packed weights (runtime/prepack.py) unless tuning measured packing slower (or, for convolutions, a
-    conv2d backend is forced). tune: on a CPU with no dtype given, pick the dtype, the attention kernel and
-    whether to pack convolution and linear weights by
+    conv2d backend is forced), and its full-resolution convolutions as Winograd F(4×4, 3×3) where tuning measured
+    that faster (fp32; runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
+    attention kernel, whether to pack convolution and linear weights and whether to run Winograd by
     measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
     `pipe.runtime_choice` says what was chosen.
 
@@ -99,12 +100,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     graphs = cuda_graphs_wanted(cuda_graphs, device, bool(compile), "unet" in staged)  # refuses before reading
     optimize({}, device, quant=quant)   # checks the setting before anything is read
     compute = dtype if planner is None else planner.compute
-    # Layers whose weights are packed for oneDNN (runtime/prepack.py): those measured faster packed here, less
-    # the convolutions where a conv2d backend is forced (packed layers would not reach it) and the linears of a
-    # compiled UNet (inductor lowers oneDNN's packed linear only for the frozen weights of its own freezing).
+    # Layers whose weights are packed for oneDNN (runtime/prepack.py) or transformed for Winograd
+    # (runtime/winograd_conv.py): those measured faster so here, less the convolutions where a conv2d backend is
+    # forced (packed layers would not reach it), the linears and Winograd layers of a compiled UNet (inductor
+    # lowers oneDNN's packed linear only for the frozen weights of its own freezing, and has convolutions of its
+    # own), and Winograd under a memory plan (its transformed weights are not in the plan's predictions).
     packed_kinds = KINDS if choice is None else choice.packed_kinds
-    packed_kinds -= {"conv"} if "conv2d" in kernels.forced else set()
-    packed_kinds -= {"linear"} if compile else set()
+    packed_kinds -= {"conv", "winograd"} if "conv2d" in kernels.forced else set()
+    packed_kinds -= {"linear", "winograd"} if compile else set()
+    packed_kinds -= {"winograd"} if planner is not None else set()
     # With a memory plan, an int8 UNet is quantized layer by layer as it is read: never whole in float.
     while_reading = planner is not None and quant == "int8"
     options = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle,

@@ -105,6 +105,24 @@ def test_linear_packing_is_measured_at_few_rows_and_load_follows_it(monkeypatch,
     assert not any(isinstance(m, torch.nn.Linear) for m in pipe.unet.modules()) == (verdict == "faster")
 
 
+@pytest.mark.parametrize("winograd_ms,verdict", [(0.4, "faster"), (1.4, "slower")])
+def test_winograd_is_measured_at_full_resolution_in_fp32_only(monkeypatch, winograd_ms, verdict):
+    if tuning.winograd_cpu.unavailable() is not None:
+        pytest.skip(tuning.winograd_cpu.unavailable())
+    _fake_cpu(monkeypatch, {"avx2"})
+    calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0, "WinogradConv2d float32": winograd_ms})
+    choice = tuning.measure(PRESETS["sd1"])
+    # SD 1.5's first level at its default 512²: 320 channels at the full 64×64 latent, CFG batch 2.
+    assert choice.winograd == verdict and choice.ms["conv 320x64x64 winograd"] == winograd_ms
+    assert "WinogradConv2d float32" in calls
+    assert ("winograd" in choice.packed_kinds) == (verdict == "faster")
+    assert tuning.full_resolution_convs(choice).startswith("Winograd" if verdict == "faster" else "as the other")
+    # Where bf16 is native the model runs bf16, which Winograd does not: not measured.
+    _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
+    assert tuning.measure(PRESETS["sd1"]).winograd == "unavailable: Winograd runs fp32 only, the model runs " \
+                                                      "torch.bfloat16"
+
+
 def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):
     """The 1×1 probe of `unpackable` passed but the model's own deepest layer does not pack: plain, with why."""
     _fake_cpu(monkeypatch, {"avx2"})
@@ -158,4 +176,4 @@ def test_info_runtime(tmp_path):
     res = CliRunner().invoke(main, ["info", str(fastldm.default_model()), "--runtime", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "family:          ldm3d-4c" in res.output and "attention:" in res.output and "threads:         1" \
-        in res.output and "conv weights:" in res.output
+        in res.output and "conv weights:" in res.output and "full-res convs:" in res.output

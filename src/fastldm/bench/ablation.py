@@ -6,7 +6,8 @@ Rows are cumulative backend sets, applied with `fastldm.ops.use` on top of the r
     +S-GN/GELU      + group_norm, gelu, geglu "triton" (specialized kernels, §3.1)
     +FlashAttn      attention "triton" (§3.2.2)
     +FlashAttn CPU  attention "flash_cpu" instead: the same algorithm in C++ for CPUs (ops/flash_attention_cpu.py)
-    +Winograd       + conv2d "triton_winograd" on CUDA, "winograd" on CPU (F(4×4, 3×3), §3.3)
+    +Winograd       + conv2d "triton_winograd" on CUDA, on CPU "winograd_cpu" in fp32 (C++ transforms), else
+                    "winograd" (plain PyTorch) (F(4×4, 3×3), §3.3)
     +Packed conv    the convolutions' weights packed for oneDNN once per input shape instead of Winograd
                     (runtime/prepack.py; CPU): a twin of the UNet sharing every other tensor
     +Packed linear  + the linears' weights packed too, for the calls of few rows (prepack.MAX_ROWS)
@@ -49,7 +50,7 @@ from ..families import PRESETS
 from ..testing import random_module
 from ..errors import BackendUnavailable, RequestError
 from ..models import UNet2DConditionModel
-from ..ops import autotune, flash_attention_cpu, registry, winograd
+from ..ops import autotune, flash_attention_cpu, registry, winograd, winograd_cpu
 from ..runtime.memory_trace import MemoryTrace
 from ..runtime.prepack import KINDS, PackedLayer, prepack, unsupported as unpackable
 
@@ -233,6 +234,8 @@ def _fastldm_rows(unet: nn.Module, args: dict, device: torch.device,
     for name, extra in ROWS:
         if name == "+Winograd" and device.type == "cuda":
             extra = {"conv2d": "triton_winograd"}
+        elif name == "+Winograd" and dtype == torch.float32 and winograd_cpu.unavailable() is None:
+            extra = {"conv2d": "winograd_cpu"}  # the C++ transforms; fp32 only
         graphs = name == "+CUDA graphs"
         packed = {"+Packed conv": frozenset({"conv"}), "+Packed linear": KINDS}.get(name, frozenset())
         trial = {op: b for op, b in active.items() if op != "conv2d"} if packed else active | extra

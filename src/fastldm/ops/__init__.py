@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from . import blocked_attention, flash_attention_cpu, reference, winograd
+from . import blocked_attention, flash_attention_cpu, reference, winograd, winograd_cpu
 from .registry import BackendUnavailable, Kernels, active, backends, dispatch, prefer, register, select, use, using
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
     register(_op, "reference", getattr(reference, _op), priority=-100)
 # Winograd trades accuracy for speed: below the reference, so only `use()` or a measured table picks it.
 register("conv2d", "winograd", winograd.conv2d, winograd.supports, priority=-150)
+register("conv2d", "winograd_cpu", winograd_cpu.conv2d, winograd_cpu.supports, priority=-140)  # its C++ transforms
 # Query-blocked attention beats torch's fused CPU kernel at SD's long self-attention (measured, see its file).
 register("attention", "blocked", blocked_attention.attention, blocked_attention.supports, priority=0)
 # Flash attention in C++ (built on first use): beats torch's kernel in fp32 at SD's shapes (measured on AVX2,

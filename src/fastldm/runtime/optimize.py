@@ -6,6 +6,8 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
 - the UNet's convolution weights, and its linears' where they run at few rows, prepacked into oneDNN's blocked
   layout (runtime/prepack.py; convolutions: a 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×; linears: 1.03×
   more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
+- the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; 2.4-3.0× faster
+  per layer than packed oneDNN on an AVX2 EPYC, +256 MiB for SD 1.5), where fp32 and measured faster here;
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
@@ -17,9 +19,11 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, SettingError
+from ..ops import winograd_cpu
 from .prepack import KINDS, prepack
 from .prepack import unsupported as unpackable
 from .quant import quantize_int8
+from .winograd_conv import full_resolution_convs, use_winograd
 
 QUANT_MODES = (None, "int8")
 
@@ -36,8 +40,9 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
     loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
-    of "conv" and "linear" (the caller passes none where the weights are stored in 16 bits and widened per call,
-    and only the kinds the machine's tuning measured faster)."""
+    of "conv", "linear" and "winograd" (the full-resolution convolutions, transformed for Winograd instead of
+    packed for oneDNN); the caller passes none where the weights are stored in 16 bits and widened per call,
+    and only the kinds the machine's tuning measured faster."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
     for name in ("unet", "vae"):
@@ -51,14 +56,22 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
         if dtype is not None:
             modules["unet"].to(dtype)  # what stays float (norms, unquantized layers) computes in `dtype`
     elif device.type == "cpu" and "unet" in modules:
-        prepack(modules["unet"], packable(modules["unet"], pack))
+        kinds = packable(modules["unet"], pack)
+        if "winograd" in kinds:
+            use_winograd(modules["unet"])  # before prepack: these layers are no longer nn.Conv2d
+        prepack(modules["unet"], kinds - {"winograd"})
     return modules
 
 
 def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
     """Which of `kinds` `unet` has layers of that can be prepacked: float weights oneDNN packs on this CPU, not
-    already packed or quantized."""
+    already packed or quantized; for "winograd", fp32 full-resolution convolutions and a built C++ kernel."""
     found = set()
+    if "winograd" in kinds:
+        names = full_resolution_convs(unet) if hasattr(unet, "up_blocks") else []
+        w = unet.get_submodule(names[0]).weight if names else None
+        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and winograd_cpu.unavailable() is None:
+            found.add("winograd")
     for kind, cls in (("conv", nn.Conv2d), ("linear", nn.Linear)):
         w = next((m.weight for m in unet.modules() if isinstance(m, cls)), None) if kind in kinds else None
         if w is not None and w.device.type == "cpu" and unpackable(w.dtype, kind) is None:

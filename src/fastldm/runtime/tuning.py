@@ -19,6 +19,10 @@ candidates that matter on the model's real shapes, for a few seconds:
     linear pack the feed-forward (GEGLU) product of the UNet's deepest level at few rows (CFG batch 2 at the
                 default size, at most prepack.MAX_ROWS), plain against its weight packed for oneDNN: the
                 small-row products are the only ones packing serves (1.2× on SD 1.5's 64-token level)
+    winograd    a 3×3 convolution of the UNet's first level at its full resolution (CFG batch 2, the default
+                size up to a 64² latent), packed for oneDNN against Winograd F(4×4, 3×3) with C++ transforms
+                (runtime/winograd_conv.py; fp32 only): 2.4-3.0× on an AVX2 EPYC, but a CPU with faster direct
+                convolutions may rank them the other way
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
 CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
@@ -36,13 +40,14 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..files import atomic_write_bytes, cache_root
-from ..ops import autotune, registry
+from ..ops import autotune, registry, winograd_cpu
 from .device import BF16_MIN_CHANNELS, cpu_info
 from .prepack import MAX_ROWS, PackedConv2d, PackedLinear
 from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
+from .winograd_conv import WinogradConv2d
 
-FORMAT = "fastldm-tuning-3"
+FORMAT = "fastldm-tuning-4"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -53,6 +58,7 @@ class RuntimeChoice:
     int8: str                                    # "faster" | "slower" | "unavailable: <why>"
     pack: str = "unavailable: not measured"      # packed conv weights: "faster" | "slower" | "unavailable: <why>"
     pack_linear: str = "unavailable: not measured"   # packed small-row linear weights: the same
+    winograd: str = "unavailable: not measured"  # full-resolution convs as Winograd rather than packed: the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -67,11 +73,13 @@ class RuntimeChoice:
     @property
     def packed_kinds(self) -> frozenset[str]:
         """The kinds of UNet layer (runtime/prepack.py) whose weights measured faster packed."""
-        return frozenset(k for k, v in (("conv", self.pack), ("linear", self.pack_linear)) if v == "faster")
+        return frozenset(k for k, v in (("conv", self.pack), ("linear", self.pack_linear),
+                                        ("winograd", self.winograd)) if v == "faster")
 
     def __str__(self) -> str:
         packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
-        return f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
+        return (f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
+                + ("; Winograd full-resolution convs" if "winograd" in self.packed_kinds else ""))
 
 
 def cache_dir() -> Path:
@@ -95,7 +103,8 @@ def _shapes(config: ModelConfig) -> dict:
             "matmul": (min(tokens, 512), width),
             "attention": (tokens, width // u.attention_heads[first]),
             "deep conv": (u.block_out_channels[deepest], max(1, latent // 2 ** deepest)),
-            "deep linear": (min(2 * deep_tokens, MAX_ROWS), u.block_out_channels[deepest])}
+            "deep linear": (min(2 * deep_tokens, MAX_ROWS), u.block_out_channels[deepest]),
+            "full conv": (u.block_out_channels[0], min(latent, 64))}
 
 
 def _key(config: ModelConfig) -> str:
@@ -147,7 +156,8 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
     int8 = _int8(shapes, ms, repeats, g)
     pack = _packing(shapes["deep conv"], dtype, ms, repeats, g)
     pack_linear = _linear_packing(shapes["deep linear"], dtype, ms, repeats, g)
-    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear,
+    wino = _winograd(shapes["full conv"], dtype, ms, repeats, g)
+    return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear, wino,
                          {k: round(v, 3) for k, v in ms.items()}, key)
 
 
@@ -223,6 +233,30 @@ def _linear_packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeat
     return "faster" if packed < plain else "slower"
 
 
+def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
+    if dtype != torch.float32:
+        return f"unavailable: Winograd runs fp32 only, the model runs {dtype}"
+    why = winograd_cpu.unavailable()
+    if why is not None:
+        return f"unavailable: {why}"
+    C, S = shape
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1).requires_grad_(False)
+    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
+    conv.bias.zero_()
+    x = torch.randn(2, C, S, S, generator=g).contiguous(memory_format=torch.channels_last)
+    # What a full-resolution layer runs otherwise: packed where oneDNN packs it here, else plain.
+    try:
+        if unpackable(dtype) is not None:
+            raise RuntimeError("not packable")
+        direct = autotune.time_ms(PackedConv2d(conv), (x,), {}, torch.device("cpu"), repeats)
+    except RuntimeError:
+        direct = autotune.time_ms(conv, (x,), {}, torch.device("cpu"), repeats)
+    ms[f"conv {C}x{S}x{S} direct"] = direct
+    ms[f"conv {C}x{S}x{S} winograd"] = t = autotune.time_ms(WinogradConv2d(conv), (x,), {}, torch.device("cpu"),
+                                                            repeats)
+    return "faster" if t < direct else "slower"
+
+
 def conv_weights(choice: RuntimeChoice) -> str:
     """How a float UNet's convolution weights are held on this CPU under `choice` (runtime/prepack.py)."""
     return _held(choice.pack, "packed for oneDNN once per input shape")
@@ -231,6 +265,15 @@ def conv_weights(choice: RuntimeChoice) -> str:
 def linear_weights(choice: RuntimeChoice) -> str:
     """How a float UNet's linear weights are held on this CPU under `choice` (runtime/prepack.py)."""
     return _held(choice.pack_linear, f"packed for oneDNN, for calls of at most {MAX_ROWS} rows")
+
+
+def full_resolution_convs(choice: RuntimeChoice) -> str:
+    """How a float UNet's full-resolution 3×3 convolutions run on this CPU under `choice`."""
+    if choice.winograd == "faster":
+        return "Winograd F(4x4, 3x3), weights transformed at load (measured faster here)"
+    why = "Winograd measured slower here" if choice.winograd == "slower" else choice.winograd.removeprefix(
+        "unavailable: ")
+    return f"as the other convolutions ({why})"
 
 
 def _held(verdict: str, packed: str) -> str:
@@ -248,7 +291,8 @@ def describe(choice: RuntimeChoice) -> str:
     lines = [f"cpu:             {info.name} ({info.cpus} CPUs available; {', '.join(isa) or 'no x86 vector flags'})",
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
-             f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}"]
+             f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}",
+             f"full-res convs:  {full_resolution_convs(choice)}"]
     width = max(map(len, choice.ms), default=0)
     lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")

@@ -1,0 +1,93 @@
+"""The UNet's full-resolution 3×3 convolutions run as Winograd F(4×4, 3×3) on a CPU (ops/winograd_cpu.py).
+
+Winograd's batched GEMM does 4× fewer multiplies than a direct convolution; with its transforms in C++ a
+convolution at SD 1.5's full latent resolution runs 2.4-3.0× faster than oneDNN's packed direct one (fp32,
+2 threads of an AVX2 EPYC; docs/benchmarks.md, "Winograd convolution in C++"). Its price is memory: the
+transformed weights are 4× the 3×3 weights, held beside the plain ones (which the state dict, exports and a
+fallback read). Which layers pay the most per byte is a matter of resolution: a layer's saving grows with the
+pixels it convolves and its cost with its weight, and each level down the UNet has 4× fewer pixels and up to
+4× more weight per layer. So only the layers at the latent's full resolution take it — the first down block's
+resnets, the last up block's and the upsampler that feeds it: SD 1.5's 1.5 % of the weights (+197 MiB of
+transformed ones, +256 MiB with the upsampler), for about 45 % of its convolution time at 256² (16 % of a
+step). The next level would add 0.73 GB for less again; the deeper ones several GB.
+
+fp32 only (bf16's rounding is amplified by the transforms, ops/winograd.py); error ~1e-5 of max|y| per layer,
+5-36× a direct convolution's. `fastldm.load` swaps the layers in where the machine's tuning measured Winograd
+faster at the model's full-resolution shape (runtime/tuning.py), not under a memory plan (whose predictions
+count plain weights) or torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import winograd, winograd_cpu
+
+MIN_CHANNELS = 32  # narrower convolutions (a UNet's conv_in and conv_out) are too thin a GEMM to pay
+
+
+class WinogradConv2d(nn.Module):
+    """A 3×3, stride-1, padding-1 nn.Conv2d (groups 1) holding its weight plain and transformed for Winograd
+    F(4×4, 3×3). Takes (B, C, H, W), returns channels_last. Runs the plain convolution where Winograd does not
+    apply (another dtype or device, autograd)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.register_buffer("weight", conv.weight.detach())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach())
+        self.register_buffer("u", self._transformed(), persistent=False)
+
+    def _transformed(self) -> torch.Tensor:
+        """U = G g Gᵀ as (36, C, K), contiguous: the layout `bmm(V, U)` reads fastest."""
+        return winograd.transform_weight(self.weight).transpose(1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.float32 or self.u.dtype != torch.float32 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return F.conv2d(x, self.weight, self.bias, 1, 1)
+        return winograd_cpu.conv(x, self.u, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.float()` and the like convert the plain weight; the transform is made again from it."""
+        super()._apply(fn, recurse)
+        self.u = self._transformed()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.u = self._transformed()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, Winograd F(4x4, 3x3), {self.weight.dtype}"
+
+
+def eligible(conv: nn.Module) -> bool:
+    """A float convolution Winograd F(4×4, 3×3) computes: 3×3, stride 1, padding 1, groups 1, wide enough."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1
+            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS)
+
+
+def full_resolution_convs(unet: nn.Module) -> list[str]:
+    """Names of the 3×3 convolutions of a UNet2DConditionModel (models/unet.py) that run at the latent's full
+    resolution, less those too narrow to pay (MIN_CHANNELS): the first down block's and the last up block's,
+    and the conv of the upsampler that feeds the last up block (it runs after the upsampling)."""
+    prefixes = ["down_blocks.0.", f"up_blocks.{len(unet.up_blocks) - 1}."]
+    if len(unet.up_blocks) > 1:
+        prefixes.append(f"up_blocks.{len(unet.up_blocks) - 2}.upsamplers.")
+    return [name for name, m in unet.named_modules()
+            if name.startswith(tuple(prefixes)) and eligible(m)]  # (a downsampler's stride 2 is not)
+
+
+def use_winograd(unet: nn.Module) -> int:
+    """Swap, in place, the full-resolution convolutions of `unet` for WinogradConv2d layers holding the same
+    weight tensors; returns how many. The caller checks `winograd_cpu.unavailable()` and the dtype first."""
+    names = full_resolution_convs(unet)
+    for name in names:  # names only: a list of modules would keep the plain layers alive
+        parent, _, attr = name.rpartition(".")
+        setattr(unet.get_submodule(parent), attr, WinogradConv2d(unet.get_submodule(name)))
+    return len(names)

@@ -1,0 +1,113 @@
+"""The UNet's full-resolution convolutions as Winograd layers (runtime/winograd_conv.py): which layers, what they
+compute, what they keep, and how `fastldm.load` applies them."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastldm
+from fastldm.families import PRESETS
+from fastldm.models import UNet2DConditionModel
+from fastldm.ops import winograd_cpu
+from fastldm.runtime import optimize
+from fastldm.runtime.prepack import PackedConv2d
+from fastldm.runtime.winograd_conv import WinogradConv2d, full_resolution_convs, use_winograd
+from fastldm.testing import psnr
+
+from .test_optimize import tiny_unet, unet_inputs
+
+pytestmark = pytest.mark.skipif(winograd_cpu.unavailable() is not None, reason=f"{winograd_cpu.unavailable()}")
+
+
+def test_the_layers_at_full_resolution_are_chosen():
+    # test_optimize's TINY: two levels of one resnet each; the up blocks have layers + 1 resnets.
+    assert full_resolution_convs(tiny_unet()) == [
+        "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2", "up_blocks.0.upsamplers.0.conv",
+        "up_blocks.1.resnets.0.conv1", "up_blocks.1.resnets.0.conv2", "up_blocks.1.resnets.1.conv1",
+        "up_blocks.1.resnets.1.conv2"]
+    with torch.device("meta"):
+        sd = UNet2DConditionModel(PRESETS["sd1"].unet)
+    names = full_resolution_convs(sd)
+    # SD 1.5: 2 down resnets and 3 up resnets of two 3×3 convs, and up_blocks.2's upsampler (640 -> 640); not
+    # conv_in (4 channels in), conv_out (4 out) or the first level's stride-2 downsampler.
+    assert len(names) == 11 and "up_blocks.2.upsamplers.0.conv" in names
+    assert not {"conv_in", "conv_out", "down_blocks.0.downsamplers.0.conv"} & set(names)
+    assert all(sd.get_submodule(n).out_channels in (320, 640) for n in names)
+
+
+def test_a_winograd_unet_computes_what_the_plain_one_does_and_keeps_its_weights():
+    ref = tiny_unet()
+    unet = copy.deepcopy(ref)
+    assert use_winograd(unet) == 7
+    x, t, c = unet_inputs()
+    with torch.inference_mode():
+        want, got = ref(x, t, c), unet(x, t, c)
+    # ~1e-5 of max|y| per layer (ops/winograd.py), through seven of them and the layers after
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    state, plain = unet.state_dict(), ref.state_dict()
+    assert state.keys() == plain.keys()     # exports see a plain model: no transformed weights
+    assert all(torch.equal(state[k], plain[k]) for k in plain)
+    layer = unet.down_blocks[0].resnets[0].conv1
+    assert isinstance(layer, WinogradConv2d) and layer.u.shape == (36, 32, 32)  # (36, C, K)
+
+
+def test_new_weights_are_transformed_again():
+    unet, other = tiny_unet(), tiny_unet()
+    for p in other.parameters():
+        p.data.mul_(0.5)
+    use_winograd(unet)
+    unet.load_state_dict(other.state_dict())
+    x, t, c = unet_inputs()
+    with torch.inference_mode():
+        want, got = other(x, t, c), unet(x, t, c)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_another_dtype_runs_the_plain_convolution():
+    unet = tiny_unet()
+    use_winograd(unet)
+    low = copy.deepcopy(unet).to(torch.bfloat16)
+    layer = low.down_blocks[0].resnets[0].conv1
+    assert layer.u.dtype == torch.bfloat16   # transformed again from the converted weight, not used
+    x, t, c = unet_inputs()
+    ref = tiny_unet().to(torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(low(x, t, c), ref(x, t, c), rtol=0, atol=0)
+
+
+def test_optimize_swaps_them_in_before_packing_the_rest():
+    unet = tiny_unet()
+    optimize.optimize({"unet": unet}, torch.device("cpu"), pack=frozenset({"conv", "winograd"}))
+    assert sum(isinstance(m, WinogradConv2d) for m in unet.modules()) == 7
+    assert not any(isinstance(m, nn.Conv2d) for m in unet.modules())  # the others packed
+    assert isinstance(unet.conv_in, PackedConv2d) and isinstance(unet.down_blocks[0].resnets[0].conv1, WinogradConv2d)
+    low = tiny_unet(torch.bfloat16)  # Winograd is fp32 only
+    assert "winograd" not in optimize.packable(low, frozenset({"winograd"}))
+
+
+def _images(pipe):
+    return pipe.generate("a red cube on a table", steps=4, seed=3).raw  # (1, H, W, C) in [0, 1]
+
+
+def test_load_uses_winograd_where_measured_faster_and_the_images_agree(monkeypatch):
+    from fastldm.runtime import tuning
+
+    base = fastldm.load(fastldm.default_model())
+    faster = base.runtime_choice.__class__(**{**base.runtime_choice.__dict__, "winograd": "faster", "dtype": "fp32"})
+    monkeypatch.setattr("fastldm.api.choose", lambda config: faster)
+    pipe = fastldm.load(fastldm.default_model())
+    with torch.device("meta"):
+        expected = len(full_resolution_convs(UNet2DConditionModel(pipe.config.unet)))
+    assert sum(isinstance(m, WinogradConv2d) for m in pipe.unet.modules()) == expected > 0
+    assert "Winograd full-resolution convs" in str(faster)
+    assert tuning.full_resolution_convs(faster).startswith("Winograd F(4x4, 3x3)")
+    if base.runtime_choice.winograd != "faster":
+        assert not any(isinstance(m, WinogradConv2d) for m in base.unet.modules())
+    # Images: Winograd's rounding (1e-5 of a layer's output) does not show in 8-bit pixels beyond a few levels.
+    assert psnr(_images(pipe), _images(base)) > 40
+    # Not under a memory plan, whose predictions count plain weights only.
+    planned = fastldm.load(fastldm.default_model(), memory="fast")
+    assert not any(isinstance(m, WinogradConv2d) for m in planned.unet.modules())
