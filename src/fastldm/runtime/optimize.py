@@ -7,7 +7,7 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
   layout (runtime/prepack.py; convolutions: a 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×; linears: 1.03×
   more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
 - the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; 2.4-3.0× faster
-  per layer than packed oneDNN on an AVX2 EPYC, +256 MiB for SD 1.5), where fp32 and measured faster here;
+  per layer than packed oneDNN on an AVX2 EPYC, +253 MiB for SD 1.5), where fp32 and measured faster here;
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them

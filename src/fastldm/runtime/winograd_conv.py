@@ -7,9 +7,8 @@ transformed weights are 4× the 3×3 weights, held beside the plain ones (which 
 fallback read). Which layers pay the most per byte is a matter of resolution: a layer's saving grows with the
 pixels it convolves and its cost with its weight, and each level down the UNet has 4× fewer pixels and up to
 4× more weight per layer. So only the layers at the latent's full resolution take it — the first down block's
-resnets, the last up block's and the upsampler that feeds it: SD 1.5's 1.5 % of the weights (+197 MiB of
-transformed ones, +256 MiB with the upsampler), for about 45 % of its convolution time at 256² (16 % of a
-step). The next level would add 0.73 GB for less again; the deeper ones several GB.
+resnets, the last up block's and the upsampler that feeds it: 1.9 % of SD 1.5's weights (+253 MiB of
+transformed ones), for about 30 % of its convolution time at 256² (16 % of a UNet call). The next level would add 0.73 GB for less again; the deeper ones several GB.
 
 fp32 only (bf16's rounding is amplified by the transforms, ops/winograd.py); error ~1e-5 of max|y| per layer,
 5-36× a direct convolution's. `fastldm.load` swaps the layers in where the machine's tuning measured Winograd
