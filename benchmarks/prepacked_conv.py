@@ -5,10 +5,10 @@ the full-resolution convolutions as Winograd layers (`--pack conv,linear,winogra
 runtime/winograd_conv.py).
 
     python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--pack conv,linear]
-                                        [--against KINDS] [--json out.json]
+                                        [--against KINDS] [--dtype fp32|bf16] [--json out.json]
 
 Layers: every distinct (in, out, kernel, stride, spatial) convolution of SD 1.5's UNet at each image size, batch
-2 (CFG), fp32 channels_last (fastldm's CPU layout), median of 7 calls each, with the summed time per UNet call
+2 (CFG), channels_last (fastldm's CPU layout) in `--dtype` (default: the one `fastldm.load` picks here), median of 7 calls each, with the summed time per UNet call
 (each shape times its count). The process is set up as the CLI's (threads, and glibc's malloc keeping large
 freed blocks: without that, the per-call reorder buffer of a big weight is mmapped and page-faulted afresh at
 every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded
@@ -66,11 +66,12 @@ def median_ms(fn, n: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
-def layer_table(shapes: Counter, batch: int = 2) -> list[dict]:
+def layer_table(shapes: Counter, dtype: torch.dtype, batch: int = 2) -> list[dict]:
     rows = []
     for (cin, cout, k, stride, pad, h, w), count in sorted(shapes.items(), key=lambda kv: (-kv[0][5], kv[0][:2])):
-        conv = nn.Conv2d(cin, cout, k, stride, pad).requires_grad_(False).to(memory_format=torch.channels_last)
-        x = torch.randn(batch, cin, h, w).to(memory_format=torch.channels_last)
+        conv = nn.Conv2d(cin, cout, k, stride, pad, dtype=dtype).requires_grad_(False).to(
+            memory_format=torch.channels_last)
+        x = torch.randn(batch, cin, h, w).to(dtype).to(memory_format=torch.channels_last)
         packed = PackedConv2d(conv)
         with torch.no_grad():
             plain_ms = median_ms(lambda: F.conv2d(x, conv.weight, conv.bias, stride, pad))
@@ -85,12 +86,12 @@ def pack_unet(unet: nn.Module, kinds: frozenset[str]) -> int:
     return (use_winograd(unet) if "winograd" in kinds else 0) + prepack(unet, kinds - {"winograd"})
 
 
-def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[str]) -> dict:
+def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[str], dtype: torch.dtype) -> dict:
     config = PRESETS["sd1"].unet
     cpu = torch.device("cpu")
-    plain = layout("unet", random_unet(config), cpu)
-    packed = layout("unet", random_unet(config), cpu)
-    inputs = unet_inputs(config, latent, cpu, torch.float32)
+    plain = layout("unet", random_unet(config).to(dtype), cpu)
+    packed = layout("unet", random_unet(config).to(dtype), cpu)
+    inputs = unet_inputs(config, latent, cpu, dtype)
     shapes = conv_shapes(plain, inputs)
     pack_unet(plain, against)
     n = pack_unet(packed, pack)
@@ -125,23 +126,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pack", default="conv,linear", help="kinds of layer the packed UNet packs")
     ap.add_argument("--against", default="", help="kinds of layer the UNet it is compared to packs")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), help="default: what fastldm.load picks on this CPU")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pack, against = (frozenset(k for k in v.split(",") if k) for v in (args.pack, args.against))
     configure_process(args.threads)  # threads and glibc's malloc as the CLI sets them
     info = cpu_info()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: choose(PRESETS["sd1"]).torch_dtype}[args.dtype]
     print(f"{platform.processor() or info.name}; avx512_bf16: {info.bf16}; threads {args.threads}; "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; {dtype}")
     out = {"cpu": info.name, "bf16": info.bf16, "threads": args.threads, "torch": torch.__version__,
+           "dtype": str(dtype).removeprefix("torch."),
            "pack": sorted(pack), "against": sorted(against), "sizes": {}}
     for size in (int(s) for s in args.sizes.split(",")):
-        r = unet_ab(size // 8, args.rounds, pack, against)
+        r = unet_ab(size // 8, args.rounds, pack, against, dtype)
         shapes = r.pop("shapes")
-        rows = layer_table(shapes) if "conv" in pack - against else []
+        rows = layer_table(shapes, dtype) if "conv" in pack - against else []
         plain_sum = sum(x["plain_ms"] * x["count"] for x in rows)
         packed_sum = sum(x["packed_ms"] * x["count"] for x in rows)
         if rows:
-            print(f"\n{size}² ({size // 8}² latent), batch 2, fp32: each conv shape alone (median ms)")
+            print(f"\n{size}² ({size // 8}² latent), batch 2, {dtype}: each conv shape alone (median ms)")
             print("| in → out | k / stride | spatial | calls | plain | packed | × |")
             print("|---|---|---:|---:|---:|---:|---:|")
             for x in rows:

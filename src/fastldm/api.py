@@ -64,7 +64,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     {"attention": "reference"}; on a CPU the UNet's convolutions, and its linears at few rows, run with
     oneDNN-packed weights (runtime/prepack.py) unless tuning measured packing slower (or, for convolutions, a
     conv2d backend is forced), and its full-resolution convolutions as Winograd F(4×4, 3×3) where tuning measured
-    that faster (fp32; runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
+    that faster (fp32 or bf16; runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
     attention kernel, whether to pack convolution and linear weights and whether to run Winograd by
     measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
     `pipe.runtime_choice` says what was chosen.

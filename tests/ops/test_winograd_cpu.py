@@ -49,6 +49,22 @@ def test_matches_conv2d_within_winograds_bound(B, C, K, H, W, bias):
     assert err <= 2e-5 * scale
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_images_are_computed_in_fp32_and_rounded_once(bias):
+    """A bf16 image and weight give the fp32 result on the same values, rounded to bf16: bitwise, as the
+    transforms widen what they read and round what they write, and the GEMMs are fp32."""
+    x, w, b = conv_inputs(2, 40, 24, 9, 12, torch.float32, seed=7)
+    x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16() if bias else None
+    with torch.inference_mode():
+        y = winograd_cpu.conv2d(x, w, b, 1, 1)
+        wide = winograd_cpu.conv2d(x.float(), w.float(), None if b is None else b.float(), 1, 1)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, wide.bfloat16())
+    direct = F.conv2d(x, w, b, padding=1)   # a bf16 direct convolution rounds its output too: the same error
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    assert (y.double() - ref).abs().max() <= 2 * (direct.double() - ref).abs().max() + 1e-5 * ref.abs().max()
+
+
 def test_is_the_same_algorithm_as_the_pytorch_winograd():
     x, w, b = conv_inputs(2, 40, 24, 9, 12, torch.float64, seed=3)
     with torch.inference_mode():
@@ -80,7 +96,7 @@ def test_is_a_conv2d_backend_and_says_what_it_cannot_run():
         assert ops.select("conv2d", x, w, b, stride=1, padding=1) == "winograd_cpu"
         y = ops.conv2d(x, w, b, 1, 1)
     torch.testing.assert_close(y, F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-4)
-    assert "float32" in winograd_cpu.supports(x.bfloat16(), w.bfloat16(), b.bfloat16(), 1, 1)
+    assert "float32 or bfloat16" in winograd_cpu.supports(x.half(), w.half(), b.half(), 1, 1)
     assert "stride" in winograd_cpu.supports(x, w, b, 2, 1)
     assert "3x3" in winograd_cpu.supports(x, w[:, :, :1, :1], b, 1, 0)
 
@@ -89,8 +105,10 @@ def test_the_ops_check_their_inputs():
     x = torch.randn(1, 8, 4, 4)
     with pytest.raises(RuntimeError, match="channels_last"):
         torch.ops.fastldm.winograd_input(x)  # NCHW
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         torch.ops.fastldm.winograd_input(x.double().contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fastldm.winograd_output(torch.randn(36, 1, 8), None, 1, 4, 4, torch.float16)
     with pytest.raises(RuntimeError, match="tiles"):
         torch.ops.fastldm.winograd_output(torch.randn(36, 3, 8), None, 1, 4, 4)  # a 4×4 image is one tile
     with pytest.raises(RuntimeError, match="bias"):
@@ -103,4 +121,8 @@ def test_registered_shapes_match_the_kernels():
     torch.library.opcheck(torch.ops.fastldm.winograd_input, (x,), test_utils=("test_schema", "test_faketensor"))
     m = torch.randn(36, 2 * 2 * 2, 4)
     torch.library.opcheck(torch.ops.fastldm.winograd_output, (m, torch.randn(4), 2, 5, 6),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastldm.winograd_input, (x.bfloat16(),),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastldm.winograd_output, (m, torch.randn(4).bfloat16(), 2, 5, 6, torch.bfloat16),
                           test_utils=("test_schema", "test_faketensor"))

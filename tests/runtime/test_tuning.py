@@ -106,7 +106,7 @@ def test_linear_packing_is_measured_at_few_rows_and_load_follows_it(monkeypatch,
 
 
 @pytest.mark.parametrize("winograd_ms,verdict", [(0.4, "faster"), (1.4, "slower")])
-def test_winograd_is_measured_at_full_resolution_in_fp32_only(monkeypatch, winograd_ms, verdict):
+def test_winograd_is_measured_at_full_resolution_in_the_models_dtype(monkeypatch, winograd_ms, verdict):
     if tuning.winograd_cpu.unavailable() is not None:
         pytest.skip(tuning.winograd_cpu.unavailable())
     _fake_cpu(monkeypatch, {"avx2"})
@@ -117,10 +117,12 @@ def test_winograd_is_measured_at_full_resolution_in_fp32_only(monkeypatch, winog
     assert "WinogradConv2d float32" in calls
     assert ("winograd" in choice.packed_kinds) == (verdict == "faster")
     assert tuning.full_resolution_convs(choice).startswith("Winograd" if verdict == "faster" else "as the other")
-    # Where bf16 is native the model runs bf16, which Winograd does not: not measured.
+    # Where bf16 is native the model runs bf16: Winograd (bf16 images, fp32 GEMMs) against a bf16 direct conv.
     _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
-    assert tuning.measure(PRESETS["sd1"]).winograd == "unavailable: Winograd runs fp32 only, the model runs " \
-                                                      "torch.bfloat16"
+    calls = _fake_times(monkeypatch, {"WinogradConv2d bfloat16": winograd_ms})
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.dtype == "bf16" and choice.winograd == verdict and "WinogradConv2d bfloat16" in calls
+    assert not any(c.startswith("WinogradConv2d float32") for c in calls)
 
 
 def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):

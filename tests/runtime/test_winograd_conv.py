@@ -66,14 +66,39 @@ def test_new_weights_are_transformed_again():
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
-def test_another_dtype_runs_the_plain_convolution():
+def test_a_bf16_unet_runs_winograd_in_fp32_and_rounds_only_the_outputs():
     unet = tiny_unet()
     use_winograd(unet)
     low = copy.deepcopy(unet).to(torch.bfloat16)
     layer = low.down_blocks[0].resnets[0].conv1
-    assert layer.u.dtype == torch.bfloat16   # transformed again from the converted weight, not used
+    assert layer.weight.dtype == torch.bfloat16 and layer.u.dtype == torch.float32  # made again from the bf16 weight
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 8, 8, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    wide = nn.Conv2d(32, 32, 3, padding=1).requires_grad_(False)
+    wide.weight.copy_(layer.weight.float())
+    wide.bias.copy_(layer.bias.float())
+    with torch.inference_mode():
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+        # The fp32 layer on the same (bf16-exact) values, rounded once: bitwise what the bf16 layer gives.
+        assert torch.equal(got, WinogradConv2d(wide)(x.float()).bfloat16())
+        # Against fp64: within the output's bf16 rounding (2^-9 relative) and fp32 Winograd's ~1e-5 of max|y|.
+        ref = torch.nn.functional.conv2d(x.double(), wide.weight.double(), wide.bias.double(), padding=1)
+        assert ((got.double() - ref).abs() <= 2 ** -8 * ref.abs() + 4e-5 * ref.abs().max()).all()
+        # The whole UNet: as close to its fp32 self as a bf16 UNet without Winograd is.
+        x, t, c = unet_inputs()
+        want = tiny_unet()(x, t, c)
+        err = (low(x, t, c).float() - want).abs().max()
+        plain = (tiny_unet().to(torch.bfloat16)(x, t, c).float() - want).abs().max()
+        assert err <= 2 * plain + 1e-3 * want.abs().max()
+
+
+def test_another_dtype_runs_the_plain_convolution():
+    unet = tiny_unet()
+    use_winograd(unet)
+    low = copy.deepcopy(unet).to(torch.float16)
     x, t, c = unet_inputs()
-    ref = tiny_unet().to(torch.bfloat16)
+    ref = tiny_unet().to(torch.float16)
     with torch.inference_mode():
         torch.testing.assert_close(low(x, t, c), ref(x, t, c), rtol=0, atol=0)
 
@@ -84,8 +109,8 @@ def test_optimize_swaps_them_in_before_packing_the_rest():
     assert sum(isinstance(m, WinogradConv2d) for m in unet.modules()) == 7
     assert not any(isinstance(m, nn.Conv2d) for m in unet.modules())  # the others packed
     assert isinstance(unet.conv_in, PackedConv2d) and isinstance(unet.down_blocks[0].resnets[0].conv1, WinogradConv2d)
-    low = tiny_unet(torch.bfloat16)  # Winograd is fp32 only
-    assert "winograd" not in optimize.packable(low, frozenset({"winograd"}))
+    assert "winograd" in optimize.packable(tiny_unet(torch.bfloat16), frozenset({"winograd"}))  # fp32 GEMMs
+    assert "winograd" not in optimize.packable(tiny_unet(torch.float16), frozenset({"winograd"}))
 
 
 def _images(pipe):

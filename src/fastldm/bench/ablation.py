@@ -6,7 +6,8 @@ Rows are cumulative backend sets, applied with `fastldm.ops.use` on top of the r
     +S-GN/GELU      + group_norm, gelu, geglu "triton" (specialized kernels, §3.1)
     +FlashAttn      attention "triton" (§3.2.2)
     +FlashAttn CPU  attention "flash_cpu" instead: the same algorithm in C++ for CPUs (ops/flash_attention_cpu.py)
-    +Winograd       + conv2d "triton_winograd" on CUDA, on CPU "winograd_cpu" in fp32 (C++ transforms), else
+    +Winograd       + conv2d "triton_winograd" on CUDA, on CPU "winograd_cpu" in fp32 and bf16 (C++ transforms,
+                    fp32 GEMMs), else
                     "winograd" (plain PyTorch) (F(4×4, 3×3), §3.3)
     +Packed conv    the convolutions' weights packed for oneDNN once per input shape instead of Winograd
                     (runtime/prepack.py; CPU): a twin of the UNet sharing every other tensor
@@ -183,8 +184,9 @@ def _param_bytes(module: nn.Module) -> int:
 
 
 def _winograd_bytes(module: nn.Module) -> int:
-    """Bytes of the transformed weights of every conv Winograd runs: 36/9 = 4× their 3×3 weights."""
-    return sum(4 * m.weight.numel() * m.weight.element_size() for m in module.modules()
+    """Bytes of the transformed weights of every conv Winograd runs, at most: 36/9 = 4× their 3×3 weights, in fp32
+    (winograd_cpu's GEMMs are fp32 in a bf16 model too)."""
+    return sum(4 * m.weight.numel() * max(m.weight.element_size(), 4) for m in module.modules()
                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1))
 
 
@@ -234,8 +236,9 @@ def _fastldm_rows(unet: nn.Module, args: dict, device: torch.device,
     for name, extra in ROWS:
         if name == "+Winograd" and device.type == "cuda":
             extra = {"conv2d": "triton_winograd"}
-        elif name == "+Winograd" and dtype == torch.float32 and winograd_cpu.unavailable() is None:
-            extra = {"conv2d": "winograd_cpu"}  # the C++ transforms; fp32 only
+        elif (name == "+Winograd" and dtype in (torch.float32, torch.bfloat16)
+              and winograd_cpu.unavailable() is None):
+            extra = {"conv2d": "winograd_cpu"}  # the C++ transforms
         graphs = name == "+CUDA graphs"
         packed = {"+Packed conv": frozenset({"conv"}), "+Packed linear": KINDS}.get(name, frozenset())
         trial = {op: b for op, b in active.items() if op != "conv2d"} if packed else active | extra

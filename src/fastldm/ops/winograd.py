@@ -51,12 +51,13 @@ AT = torch.tensor([[1, 1, 1, 1, 1, 0],
 BIAS_PLANE = 1 * 6 + 1
 
 
-def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(K, C, 3, 3) -> U = G g Gᵀ as (36, K, C), computed in float64 and stored in the weight's dtype."""
+def transform_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(K, C, 3, 3) -> U = G g Gᵀ as (36, K, C), computed in float64 and stored in `dtype` (default: the
+    weight's)."""
     K, C = weight.shape[:2]
     gg = torch.kron(G, G).to(weight.device)  # (36, 9): gg[6i + j, 3a + b] = G[i, a]·G[j, b]
     u = gg @ weight.detach().double().reshape(K * C, 9).T  # (36, K·C)
-    return u.reshape(36, K, C).to(weight.dtype)
+    return u.reshape(36, K, C).to(dtype or weight.dtype)
 
 
 class TransformedWeights:
@@ -69,26 +70,27 @@ class TransformedWeights:
 
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[weakref.ref, int | None, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, torch.dtype], tuple[weakref.ref, int | None, torch.Tensor]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
         return sum(u.nbytes for _, _, u in self._entries.values())
 
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key, version = weight.data_ptr(), None if weight.is_inference() else weight._version
+    def get(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """U of `weight` in `dtype` (default: the weight's), transformed on the first call."""
+        key, version = (weight.data_ptr(), dtype or weight.dtype), None if weight.is_inference() else weight._version
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is weight and entry[1] == version:
             self._entries.move_to_end(key)
             return entry[2]
-        u = transform_weight(weight)
+        u = transform_weight(weight, dtype)
         self._entries[key] = (weakref.ref(weight, lambda _, k=key: self._forget(k)), version, u)
         self._entries.move_to_end(key)
         while len(self._entries) > 1 and self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
         return u
 
-    def _forget(self, key: int) -> None:
+    def _forget(self, key: tuple[int, torch.dtype]) -> None:
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is None:
             del self._entries[key]

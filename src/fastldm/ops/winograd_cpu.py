@@ -12,9 +12,13 @@ gives M (36, P, K) in the layout the output transform reads, which writes the ch
 bias added. At those shapes the transforms take 0.2-3 ms of a 6-31 ms convolution: 1.9-3.0× oneDNN's time
 (docs/benchmarks.md, "Winograd convolution in C++").
 
-fp32 only: in bf16 the transforms' cancellation costs ~10 % of max|y| (winograd.py), and bf16 machines have
-faster direct convolutions anyway. Limits, checked by `supports`: CPU, float32, 3×3 kernel, stride 1,
-padding 1, groups 1, no autograd, an x86 CPU with AVX2 or AVX-512 and a working C++ toolchain the first time.
+The arithmetic is fp32 whatever the image: in bf16 the transforms' cancellation would cost ~10 % of max|y|
+(winograd.py). A bf16 image is widened as the input transform reads it and the output rounded to bf16 as the
+output transform writes it, so a bf16 model's layer rounds only its output, like a bf16 direct convolution,
+and its GEMMs run in fp32 — which can still beat a native bf16 direct convolution (2× fp32's rate) where
+Winograd saves 4× the multiplies; runtime/tuning.py measures which. Limits, checked by `supports`: CPU,
+float32 or bfloat16, 3×3 kernel, stride 1, padding 1, groups 1, no autograd, an x86 CPU with AVX2 or AVX-512
+and a working C++ toolchain the first time.
 """
 from __future__ import annotations
 
@@ -37,47 +41,51 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
              padding: int = 0) -> str | None:
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return f"winograd_cpu is for CPU tensors, got {x.device.type}"
-    if x.dtype != torch.float32:
-        return f"winograd_cpu runs float32 only (bf16/fp16 lose ~1-10 % of max|y| in its transforms), got {x.dtype}"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"winograd_cpu takes float32 or bfloat16 images, got {x.dtype}"
     why = winograd.supports(x, weight, bias, stride, padding)
     return why if why is not None else unavailable()
 
 
 def conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, C, H, W) float32, u the transformed weights as (36, C, K), any strides (`winograd.transform_weight`
-    gives (36, K, C): pass it transposed; contiguous (36, C, K) is up to 7 % faster at 32×32) -> the 3×3
-    stride-1 padding-1 convolution (B, K, H, W), channels_last."""
+    """x (B, C, H, W) float32 or bfloat16, u the float32 transformed weights as (36, C, K), any strides
+    (`winograd.transform_weight` gives (36, K, C): pass it transposed; contiguous (36, C, K) is up to 7 % faster
+    at 32×32) -> the 3×3 stride-1 padding-1 convolution (B, K, H, W) in x's dtype, channels_last."""
     why = unavailable()
     if why is not None:
         raise BackendUnavailable(why)
     B, _, H, W = x.shape
     v = torch.ops.fastldm.winograd_input(x.contiguous(memory_format=torch.channels_last))  # (36, P, C)
-    m = torch.bmm(v, u)  # (36, P, K)
-    return torch.ops.fastldm.winograd_output(m, bias, B, H, W)
+    m = torch.bmm(v, u)  # (36, P, K) fp32
+    return torch.ops.fastldm.winograd_output(m, bias, B, H, W, x.dtype)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
            padding: int = 0) -> torch.Tensor:
     """The kernel layer's `conv2d` backend: `conv` with the weight transformed once and cached in the active
     selection's cache (winograd.weights())."""
-    return conv(x, winograd.weights().get(weight).transpose(1, 2), bias)  # BLAS reads the transpose in place
+    u = winograd.weights().get(weight, torch.float32)  # fp32 arithmetic whatever the image's dtype
+    return conv(x, u.transpose(1, 2), bias)  # BLAS reads the transpose in place
 
 
 # The ops' schemas and fake (shape) functions live here, so torch.compile can trace a call as an opaque op
 # before the library is loaded; the library registers the CPU kernels (TORCH_LIBRARY_IMPL in the .cpp).
 torch.library.define("fastldm::winograd_input", "(Tensor x) -> Tensor")
-torch.library.define("fastldm::winograd_output", "(Tensor m, Tensor? bias, int B, int H, int W) -> Tensor")
+torch.library.define("fastldm::winograd_output",
+                     "(Tensor m, Tensor? bias, int B, int H, int W, ScalarType? dtype=None) -> Tensor")
 
 
 @torch.library.register_fake("fastldm::winograd_input")
 def _(x: torch.Tensor) -> torch.Tensor:
-    """x (B, C, H, W) -> V (36, P, C), P the 4×4 output tiles."""
+    """x (B, C, H, W) -> V (36, P, C) float32, P the 4×4 output tiles."""
     B, C, H, W = x.shape
     nH, nW = winograd.tile_counts(H, W)
-    return x.new_empty(36, B * nH * nW, C)
+    return x.new_empty(36, B * nH * nW, C, dtype=torch.float32)
 
 
 @torch.library.register_fake("fastldm::winograd_output")
-def _(m: torch.Tensor, bias: torch.Tensor | None, B: int, H: int, W: int) -> torch.Tensor:
-    """M (36, P, K) -> y (B, K, H, W) channels_last."""
-    return m.new_empty(B, m.shape[2], H, W).contiguous(memory_format=torch.channels_last)
+def _(m: torch.Tensor, bias: torch.Tensor | None, B: int, H: int, W: int,
+      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """M (36, P, K) -> y (B, K, H, W) channels_last, in dtype (default float32)."""
+    return m.new_empty(B, m.shape[2], H, W, dtype=dtype or torch.float32).contiguous(
+        memory_format=torch.channels_last)

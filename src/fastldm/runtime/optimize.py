@@ -6,8 +6,9 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
 - the UNet's convolution weights, and its linears' where they run at few rows, prepacked into oneDNN's blocked
   layout (runtime/prepack.py; convolutions: a 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×; linears: 1.03×
   more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
-- the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; 2.4-3.0× faster
-  per layer than packed oneDNN on an AVX2 EPYC, +253 MiB for SD 1.5), where fp32 and measured faster here;
+- the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; in fp32 2.4-3.0×
+  faster per layer than packed oneDNN on an AVX2 EPYC, against native bf16 1.1-1.4× on an AVX-512 one; +253 MiB
+  for SD 1.5), where the weights are fp32 or bf16 and it measured faster here;
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
@@ -65,12 +66,14 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
 
 def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
     """Which of `kinds` `unet` has layers of that can be prepacked: float weights oneDNN packs on this CPU, not
-    already packed or quantized; for "winograd", fp32 full-resolution convolutions and a built C++ kernel."""
+    already packed or quantized; for "winograd", fp32 or bf16 full-resolution convolutions and a built C++
+    kernel."""
     found = set()
     if "winograd" in kinds:
         names = full_resolution_convs(unet) if hasattr(unet, "up_blocks") else []
         w = unet.get_submodule(names[0]).weight if names else None
-        if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and winograd_cpu.unavailable() is None:
+        if (w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+                and winograd_cpu.unavailable() is None):
             found.add("winograd")
     for kind, cls in (("conv", nn.Conv2d), ("linear", nn.Linear)):
         w = next((m.weight for m in unet.modules() if isinstance(m, cls)), None) if kind in kinds else None

@@ -20,8 +20,9 @@ candidates that matter on the model's real shapes, for a few seconds:
                 default size, at most prepack.MAX_ROWS), plain against its weight packed for oneDNN: the
                 small-row products are the only ones packing serves (1.2× on SD 1.5's 64-token level)
     winograd    a 3×3 convolution of the UNet's first level at its full resolution (CFG batch 2, the default
-                size up to a 64² latent), packed for oneDNN against Winograd F(4×4, 3×3) with C++ transforms
-                (runtime/winograd_conv.py; fp32 only): 2.4-3.0× on an AVX2 EPYC, but a CPU with faster direct
+                size up to a 64² latent) in the chosen dtype, packed for oneDNN against Winograd F(4×4, 3×3)
+                with C++ transforms and fp32 GEMMs (runtime/winograd_conv.py): 2.2-2.5× in fp32 on an AVX2
+                EPYC, 1.1-1.2× against native bf16 on an AVX-512 bf16 EPYC; a CPU with faster direct
                 convolutions may rank them the other way
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
@@ -47,7 +48,7 @@ from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
 from .winograd_conv import WinogradConv2d
 
-FORMAT = "fastldm-tuning-4"
+FORMAT = "fastldm-tuning-5"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -234,16 +235,14 @@ def _linear_packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeat
 
 
 def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
-    if dtype != torch.float32:
-        return f"unavailable: Winograd runs fp32 only, the model runs {dtype}"
     why = winograd_cpu.unavailable()
     if why is not None:
         return f"unavailable: {why}"
     C, S = shape
-    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1).requires_grad_(False)
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
     conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
     conv.bias.zero_()
-    x = torch.randn(2, C, S, S, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     # What a full-resolution layer runs otherwise: packed where oneDNN packs it here, else plain.
     direct = None
     if unpackable(dtype) is None:

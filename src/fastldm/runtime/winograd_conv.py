@@ -2,16 +2,20 @@
 
 Winograd's batched GEMM does 4× fewer multiplies than a direct convolution; with its transforms in C++ a
 convolution at SD 1.5's full latent resolution runs 2.4-3.0× faster than oneDNN's packed direct one (fp32,
-2 threads of an AVX2 EPYC; docs/benchmarks.md, "Winograd convolution in C++"). Its price is memory: the
+2 threads of an AVX2 EPYC; docs/benchmarks.md, "Winograd convolution in C++"), and 1.1-1.4× faster than a
+native bf16 one on an AVX-512 bf16 EPYC (bf16 images in and out, its GEMMs still fp32). Its price is memory: the
 transformed weights are 4× the 3×3 weights, held beside the plain ones (which the state dict, exports and a
 fallback read). Which layers pay the most per byte is a matter of resolution: a layer's saving grows with the
 pixels it convolves and its cost with its weight, and each level down the UNet has 4× fewer pixels and up to
 4× more weight per layer. So only the layers at the latent's full resolution take it — the first down block's
 resnets, the last up block's and the upsampler that feeds it: 1.9 % of SD 1.5's weights (+253 MiB of
-transformed ones), for about 30 % of its convolution time at 256² (16 % of a UNet call). The next level would add 0.73 GB for less again; the deeper ones several GB.
+transformed ones, fp32 in a bf16 model too), for about 30 % of its convolution time at 256² (16 % of a fp32
+UNet call). The next level would add 0.73 GB for less again; the deeper ones several GB.
 
-fp32 only (bf16's rounding is amplified by the transforms, ops/winograd.py); error ~1e-5 of max|y| per layer,
-5-36× a direct convolution's. `fastldm.load` swaps the layers in where the machine's tuning measured Winograd
+The arithmetic is fp32 in a bf16 model too (bf16 transforms or GEMMs cost ~10 % of max|y|, ops/winograd.py):
+there the layer rounds only its output to bf16, as a bf16 direct convolution does (measured: the same error
+against an fp64 convolution, 3-4e-3 of max|y|). In fp32 the error is ~1e-5 of max|y| per layer, 5-36× a
+direct convolution's. `fastldm.load` swaps the layers in where the machine's tuning measured Winograd
 faster at the model's full-resolution shape (runtime/tuning.py), not under a memory plan (whose predictions
 count plain weights) or torch.compile.
 """
@@ -39,12 +43,13 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("u", self._transformed(), persistent=False)
 
     def _transformed(self) -> torch.Tensor:
-        """U = G g Gᵀ as (36, C, K), contiguous: the layout `bmm(V, U)` reads fastest."""
-        return winograd.transform_weight(self.weight).transpose(1, 2).contiguous()
+        """U = G g Gᵀ as (36, C, K) fp32 whatever the weight's dtype (Winograd's arithmetic is fp32), contiguous:
+        the layout `bmm(V, U)` reads fastest."""
+        return winograd.transform_weight(self.weight, torch.float32).transpose(1, 2).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype != torch.float32 or self.u.dtype != torch.float32 or x.device.type != "cpu"
-                or (torch.is_grad_enabled() and x.requires_grad)):
+        if (x.dtype not in (torch.float32, torch.bfloat16) or x.dtype != self.weight.dtype
+                or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
             return F.conv2d(x, self.weight, self.bias, 1, 1)
         return winograd_cpu.conv(x, self.u, self.bias)
 

@@ -1,4 +1,4 @@
-// Winograd F(4×4, 3×3) input and output transforms for CPUs, channels_last, fp32.
+// Winograd F(4×4, 3×3) input and output transforms for CPUs, channels_last; fp32 arithmetic, fp32 or bf16 images.
 //
 // A 3×3, stride-1, padding-1 convolution is, per 4×4 output tile, Y = Aᵀ [ Σ_c U_c ⊙ (Bᵀ d_c B) ] A
 // (Lavin & Gray 2016), d_c the 6×6 input tile of channel c and U_c = G g_c Gᵀ its transformed filter. Over
@@ -13,11 +13,16 @@
 // vectors: no shuffles, and any channel count (a partial last vector is loaded and stored with a count).
 // Tiles are split between torch's intra-op threads. Tiles past the image's edge read zeros (the padding)
 // and write nothing, so H and W need not be multiples of 4.
+//
+// A bf16 image is widened to fp32 as it is read and the result rounded to bf16 as it is written: V, U and M
+// stay fp32, so a bf16 model's Winograd layer rounds only its output, as a bf16 direct convolution does
+// (transforming in bf16 would cost ~10 % of max|y|: winograd.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -50,6 +55,22 @@ inline void output_rows(const Vec* m, int64_t s, Vec* o, int64_t os) {
   o[3 * os] = at::vec::fmadd(Vec(8.f), dif34, dif12) + m[5 * s];
 }
 
+// n (≤ kLanes) values at p as fp32 lanes, the rest zero.
+inline Vec load(const float* p, int64_t n) { return Vec::loadu(p, n); }
+inline Vec load(const c10::BFloat16* p, int64_t n) {
+  float wide[kLanes];
+  for (int64_t i = 0; i < n; ++i) wide[i] = static_cast<float>(p[i]);
+  return Vec::loadu(wide, n);
+}
+
+// The first n lanes of v to p, rounded to nearest-even for bf16.
+inline void store(const Vec& v, float* p, int64_t n) { v.store(p, n); }
+inline void store(const Vec& v, c10::BFloat16* p, int64_t n) {
+  float wide[kLanes];
+  v.store(wide, n);
+  for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(wide[i]);
+}
+
 struct Tiles {
   int64_t B, H, W, nH, nW;
   int64_t count() const { return B * nH * nW; }
@@ -57,17 +78,10 @@ struct Tiles {
 
 Tiles tiles(int64_t B, int64_t H, int64_t W) { return {B, H, W, (H + 3) / 4, (W + 3) / 4}; }
 
-// x (B, C, H, W) channels_last fp32 -> V (36, P, C), P = B · ⌈H/4⌉ · ⌈W/4⌉ tiles in (b, tile row, tile col) order.
-at::Tensor winograd_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "winograd_input: x must be a 4-D float32 tensor");
-  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "winograd_input: x must be channels_last");
-  const int64_t C = x.size(1);
-  const Tiles t = tiles(x.size(0), x.size(2), x.size(3));
+// x (B, C, H, W) channels_last -> V (36, P, C) fp32, P = B · ⌈H/4⌉ · ⌈W/4⌉ tiles in (b, tile row, tile col) order.
+template <typename T>
+void input_tiles(const T* in, float* out, const Tiles& t, int64_t C) {
   const int64_t P = t.count();
-  at::Tensor v = at::empty({36, P, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (P == 0 || C == 0) return v;
-  const float* in = x.data_ptr<float>();
-  float* out = v.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     Vec d[36], u[36];
     for (int64_t p = begin; p < end; ++p) {
@@ -80,7 +94,7 @@ at::Tensor winograd_input(const at::Tensor& x) {
             const int64_t xx = x0 + j;
             d[6 * i + j] = (y < 0 || y >= t.H || xx < 0 || xx >= t.W)
                                ? Vec(0.f)
-                               : Vec::loadu(in + ((b * t.H + y) * t.W + xx) * C + c, n);
+                               : load(in + ((b * t.H + y) * t.W + xx) * C + c, n);
           }
         }
         for (int64_t j = 0; j < 6; ++j) input_rows(d + j, 6, u + j, 6);          // Bᵀ d, down each column
@@ -89,29 +103,27 @@ at::Tensor winograd_input(const at::Tensor& x) {
       }
     }
   });
+}
+
+at::Tensor winograd_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "winograd_input: x must be a 4-D float32 or bfloat16 tensor");
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "winograd_input: x must be channels_last");
+  const int64_t C = x.size(1);
+  const Tiles t = tiles(x.size(0), x.size(2), x.size(3));
+  at::Tensor v = at::empty({36, t.count(), C}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  if (t.count() == 0 || C == 0) return v;
+  if (x.scalar_type() == at::kFloat)
+    input_tiles(x.data_ptr<float>(), v.data_ptr<float>(), t, C);
+  else
+    input_tiles(x.data_ptr<c10::BFloat16>(), v.data_ptr<float>(), t, C);
   return v;
 }
 
 // M (36, P, K) contiguous fp32, the tiles of a (B, ·, H, W) image -> y (B, K, H, W) channels_last, plus bias.
-at::Tensor winograd_output(const at::Tensor& m, const std::optional<at::Tensor>& bias, int64_t B, int64_t H,
-                           int64_t W) {
-  TORCH_CHECK(m.dim() == 3 && m.size(0) == 36 && m.scalar_type() == at::kFloat && m.is_contiguous(),
-              "winograd_output: M must be a contiguous (36, P, K) float32 tensor");
-  const Tiles t = tiles(B, H, W);
-  const int64_t P = t.count(), K = m.size(2);
-  TORCH_CHECK(m.size(1) == P, "winograd_output: M has ", m.size(1), " tiles, a ", B, "x", H, "x", W,
-              " image has ", P);
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous(),
-                "winograd_output: bias must be a contiguous (K,) float32 tensor");
-    bp = bias->data_ptr<float>();
-  }
-  at::Tensor y = at::empty({B, K, H, W}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (P == 0 || K == 0) return y;
-  const float* in = m.data_ptr<float>();
-  float* out = y.data_ptr<float>();
+template <typename T>
+void output_tiles(const float* in, const float* bp, T* out, const Tiles& t, int64_t K) {
+  const int64_t P = t.count();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     Vec a[36], s[24], o[16];
     for (int64_t p = begin; p < end; ++p) {
@@ -125,10 +137,38 @@ at::Tensor winograd_output(const at::Tensor& m, const std::optional<at::Tensor>&
         const Vec bv = bp == nullptr ? Vec(0.f) : Vec::loadu(bp + c, n);
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < cols; ++j)
-            (o[4 * i + j] + bv).store(out + ((b * t.H + y0 + i) * t.W + x0 + j) * K + c, n);
+            store(o[4 * i + j] + bv, out + ((b * t.H + y0 + i) * t.W + x0 + j) * K + c, n);
       }
     }
   });
+}
+
+// dtype: the output's, float32 (default) or bfloat16; the bias may be either.
+at::Tensor winograd_output(const at::Tensor& m, const std::optional<at::Tensor>& bias, int64_t B, int64_t H,
+                           int64_t W, std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(m.dim() == 3 && m.size(0) == 36 && m.scalar_type() == at::kFloat && m.is_contiguous(),
+              "winograd_output: M must be a contiguous (36, P, K) float32 tensor");
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kBFloat16,
+              "winograd_output: dtype must be float32 or bfloat16, got ", out_type);
+  const Tiles t = tiles(B, H, W);
+  const int64_t P = t.count(), K = m.size(2);
+  TORCH_CHECK(m.size(1) == P, "winograd_output: M has ", m.size(1), " tiles, a ", B, "x", H, "x", W,
+              " image has ", P);
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                "winograd_output: bias must be a (K,) float32 or bfloat16 tensor");
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({B, K, H, W}, m.options().dtype(out_type).memory_format(at::MemoryFormat::ChannelsLast));
+  if (P == 0 || K == 0) return y;
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  if (out_type == at::kFloat)
+    output_tiles(m.data_ptr<float>(), bp, y.data_ptr<float>(), t, K);
+  else
+    output_tiles(m.data_ptr<float>(), bp, y.data_ptr<c10::BFloat16>(), t, K);
   return y;
 }
 
