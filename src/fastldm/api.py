@@ -88,27 +88,30 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         dtype = None if choice is None else choice.torch_dtype
     kernels = Kernels(forced=dict(backends or {}), preferred={} if choice is None else choice.preferred())
     device = torch.device(device)
+    # Layers whose weights are packed for oneDNN (runtime/prepack.py) or transformed for Winograd
+    # (runtime/winograd_conv.py): those measured faster so here, less the convolutions where a conv2d backend is
+    # forced (packed layers would not reach it), the linears and Winograd layers of a compiled UNet (inductor
+    # lowers oneDNN's packed linear only for the frozen weights of its own freezing, and has convolutions of its
+    # own), and Winograd where a memory plan gives it up for memory.
+    packed_kinds = KINDS if choice is None else choice.packed_kinds
+    packed_kinds -= {"conv", "winograd"} if "conv2d" in kernels.forced else set()
+    packed_kinds -= {"linear", "winograd"} if compile else set()
     planner = None
     if memory is not None or memory_budget is not None:
         config = read_config(path, prediction_type)
         if config is None:
             raise SettingError("a memory mode or budget needs a safetensors checkpoint (a pickle file cannot be "
                                "read per component); convert it to .safetensors")
-        planner = MemoryPlanner(config, memory, memory_budget, compute=dtype or default_dtype(device, config),
-                                quant=quant, attention=kernels.forced.get("attention"), device=device)
+        compute = dtype or default_dtype(device, config)
+        planner = MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
+                                attention=kernels.forced.get("attention"), device=device,
+                                winograd="winograd" in packed_kinds and device.type == "cpu"
+                                and compute in (torch.float32, torch.bfloat16))
+        packed_kinds -= set() if planner.uses_winograd else {"winograd"}
     staged, storage = (planner.staged, planner.storage_dtypes()) if planner is not None else ((), {})
     graphs = cuda_graphs_wanted(cuda_graphs, device, bool(compile), "unet" in staged)  # refuses before reading
     optimize({}, device, quant=quant)   # checks the setting before anything is read
     compute = dtype if planner is None else planner.compute
-    # Layers whose weights are packed for oneDNN (runtime/prepack.py) or transformed for Winograd
-    # (runtime/winograd_conv.py): those measured faster so here, less the convolutions where a conv2d backend is
-    # forced (packed layers would not reach it), the linears and Winograd layers of a compiled UNet (inductor
-    # lowers oneDNN's packed linear only for the frozen weights of its own freezing, and has convolutions of its
-    # own), and Winograd under a memory plan (its transformed weights are not in the plan's predictions).
-    packed_kinds = KINDS if choice is None else choice.packed_kinds
-    packed_kinds -= {"conv", "winograd"} if "conv2d" in kernels.forced else set()
-    packed_kinds -= {"linear", "winograd"} if compile else set()
-    packed_kinds -= {"winograd"} if planner is not None else set()
     # With a memory plan, an int8 UNet is quantized layer by layer as it is read: never whole in float.
     while_reading = planner is not None and quant == "int8"
     options = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle,

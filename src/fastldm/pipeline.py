@@ -34,6 +34,7 @@ from .runtime.executors import UNetRuntime
 from .runtime.memory_plan import MemoryPlan, MemoryPlanner
 from .runtime.residency import Residency
 from .runtime.step_predictor import StepPredictors
+from .runtime.winograd_conv import WinogradConv2d
 from .samplers import SamplerSpec, randn
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
@@ -71,7 +72,9 @@ class Pipeline:
         """This pipeline's memory planner (made on first use for a pipeline built in code: balanced, no budget)."""
         if self._memory is None:
             self._memory = MemoryPlanner(self.config, compute=self.dtype, device=self.device,
-                                         attention=self.kernels.forced.get("attention"))
+                                         attention=self.kernels.forced.get("attention"),
+                                         winograd=self.unet is not None and any(
+                                             isinstance(m, WinogradConv2d) for m in self.unet.modules()))
         return self._memory
 
     @property

@@ -92,6 +92,37 @@ def test_big_images_get_tiled_and_sequential(planner):
     assert planner("fast", machine_bytes=8 * GiB).for_request(2048, 2048, 1, True).vae_tile is None
 
 
+def test_winograd_is_given_up_after_staging_and_before_16_bit_weights(planner):
+    """Where tuning runs the full-resolution convolutions as Winograd, plans keep them (and count their fp32
+    transformed weights: 4× SD 1.5's 63 MiB of full-resolution 3×3 weights, in fp32) through level 3, then drop
+    them before widening 16-bit weights; "low" and int8 never hold them."""
+    facts = model_facts(PRESETS["sd1"])
+    assert facts.winograd_channels == 960 + 320 and 250 * MiB < 16 * facts.winograd_weights < 256 * MiB
+    plain, wino = planner().plan, planner(winograd=True).plan
+    assert (plain.winograd, wino.winograd) == (0, 16 * facts.winograd_weights) and wino.level == 1
+    # the denoise peak grows by the transformed weights and one layer's V and M (36 · 512 tiles · 1,280 · 4 B)
+    grown = dict(wino.peaks)["denoise"] - dict(plain.peaks)["denoise"]
+    assert grown >= wino.winograd + 36 * 512 * 1280 * 4 and "Winograd" in wino.describe()
+    assert dict(wino.peaks)["decode"] - dict(plain.peaks)["decode"] == wino.winograd  # the UNet stays resident
+    # Under budgets: the text encoders are staged before Winograd is given up, and it is given up before the
+    # weights go to 16 bits (4.6 GB: level 2, the UNet resident through the decode).
+    l2 = planner(budget="4.6GB").plan
+    staged = planner(budget=l2.peak + wino.winograd + 16 * MiB, winograd=True)
+    assert staged.uses_winograd and staged.plan.level == 2 and staged.plan.fits()
+    # Budgets falling in 64 MiB steps walk the ladder in order: Winograd is kept through levels 1-3 while they
+    # fit (tiling the VAE where that suffices), then level 3 runs without it, then 16-bit weights; never back.
+    walk = []
+    for budget in range(int(wino.peak) + 64 * MiB, 2 * GiB, -64 * MiB):
+        chosen = planner(budget=budget, winograd=True)
+        assert chosen.plan.fits()
+        walk.append((chosen.plan.level, not chosen.uses_winograd))
+    assert walk == sorted(walk, key=lambda s: (s[1], s[0])) and walk[0] == (1, False)
+    assert {(2, False), (3, True), (4, True)} <= set(walk)
+    assert planner(budget="3GB", winograd=True).plan.winograd == 0          # 16-bit weights: none
+    assert not planner("low", winograd=True).uses_winograd
+    assert not planner(quant="int8", winograd=True).uses_winograd
+
+
 def test_reference_attention_counts_its_scores(planner):
     fused = planner().for_request(512, 512, 1, True)
     ref = planner(attention="reference").for_request(512, 512, 1, True)

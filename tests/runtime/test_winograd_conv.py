@@ -133,6 +133,12 @@ def test_load_uses_winograd_where_measured_faster_and_the_images_agree(monkeypat
         assert not any(isinstance(m, WinogradConv2d) for m in base.unet.modules())
     # Images: Winograd's rounding (1e-5 of a layer's output) does not show in 8-bit pixels beyond a few levels.
     assert psnr(_images(pipe), _images(base)) > 40
-    # Not under a memory plan, whose predictions count plain weights only.
-    planned = fastldm.load(fastldm.default_model(), memory="fast")
-    assert not any(isinstance(m, WinogradConv2d) for m in planned.unet.modules())
+    # Memory plans count the transformed weights: "fast" keeps them, "low" gives them up.
+    fast = fastldm.load(fastldm.default_model(), memory="fast")
+    assert sum(isinstance(m, WinogradConv2d) for m in fast.unet.modules()) == expected
+    assert fast.memory_plan.winograd > 0 and fast.memory.uses_winograd
+    low = fastldm.load(fastldm.default_model(), memory="low")
+    assert not any(isinstance(m, WinogradConv2d) for m in low.unet.modules()) and low.memory_plan.winograd == 0
+    # A pipeline loaded without a plan makes its planner on first use: it sees the Winograd layers.
+    assert pipe.memory.uses_winograd
+    assert base.memory.uses_winograd == (base.runtime_choice.winograd == "faster")

@@ -14,6 +14,11 @@ The levers, cheapest in speed first (a budget takes the first plan whose predict
                 4. + weights stored in fp16 and widened to fp32 layer by layer (runtime/weight_storage.py;
                    only where the compute dtype is fp32: a per-step cost, see docs/benchmarks.md)
                 5. + the UNet released during the decode (reloaded for the next request's denoise)
+            Where the machine runs the UNet's full-resolution convolutions as Winograd (runtime/winograd_conv.py:
+            their weights transformed, 4× a 3×3 weight, in fp32), levels 1-3 are tried with them first, then
+            level 3 without: per step they save more (~10 % of a step) than a text encoder's or the VAE's
+            reload costs per request, and they are given up before the weights go to 16 bits. "low" runs
+            without them.
     per request a. one UNet call per step for the whole batch, untiled VAE
                 b. tiled VAE decode/encode (runtime/tiled_vae.py, exact statistics: the same image)
                 c. sequential CFG (uncond and cond as two calls), then one image per call
@@ -52,6 +57,7 @@ from ..errors import MemoryBudgetError, SettingError
 from ..families import vae_dtype
 from ..files import atomic_write_bytes, cache_root
 from .weight_storage import MAX_WIDEN
+from .winograd_conv import full_resolution_convs
 
 MODES = ("fast", "balanced", "low")
 TEXT = ("text_encoder", "text_encoder_2")
@@ -114,6 +120,7 @@ class MemoryPlan:
     height: int
     n: int
     guided: bool
+    winograd: int = 0      # bytes of Winograd's transformed weights held (0: the convolutions run direct)
 
     @property
     def sequential_cfg(self) -> bool:
@@ -134,6 +141,8 @@ class MemoryPlan:
                 f"  staged:        {', '.join(self.staged) or 'none'} (loaded for their stage, released after)",
                 "  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
                 f"  attention:     {self.attention}",
+                "  Winograd:      " + (f"full-resolution convs, {_mib(self.winograd)} of transformed weights"
+                                        if self.winograd else "none"),
                 "  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
                                         f"at most {self.unet_batch} rows per call"
                                         + (" (sequential CFG)" if self.sequential_cfg else "")),
@@ -158,6 +167,8 @@ class ModelFacts:
     largest: dict[str, int]
     unet_per_row_pixel: float
     unet_attention_heads: int           # heads at the highest resolution (for a forced reference backend)
+    winograd_weights: int = 0           # elements of the UNet's full-resolution 3×3 weights (winograd_conv.py)
+    winograd_channels: int = 0          # the widest of those layers' in + out channels (its V and M buffers)
 
     def weight_bytes(self, component: str, storage: str) -> int:
         m, r = self.matrix[component], self.rest[component]
@@ -172,7 +183,7 @@ class ModelFacts:
         raise ValueError(storage)
 
 
-FACTS_FORMAT = 1   # bump when what ModelFacts holds, or how it is measured, changes
+FACTS_FORMAT = 2   # bump when what ModelFacts holds, or how it is measured, changes
 
 
 def model_facts(config: ModelConfig) -> ModelFacts:
@@ -211,7 +222,10 @@ def measure_facts(config: ModelConfig) -> ModelFacts:
         rest[name] = sum(p.numel() for p in m.parameters()) - matrix[name] + sum(b.numel() for b in m.buffers())
         largest[name] = max(weights)
     per_pixel = _unet_tensor_peak(modules["unet"], config) / 64
-    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]))
+    full = [modules["unet"].get_submodule(n) for n in full_resolution_convs(modules["unet"])]
+    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]),
+                      sum(c.weight.numel() for c in full), max((c.in_channels + c.out_channels for c in full),
+                                                               default=0))
 
 
 def _unet_tensor_peak(unet: nn.Module, config: ModelConfig) -> int:
@@ -240,24 +254,31 @@ class Levers:
     """The load-time part of a plan."""
     level: int
     staged: tuple[str, ...]
-    widen: bool          # weights stored fp16, widened to the fp32 compute dtype
+    widen: bool            # weights stored fp16, widened to the fp32 compute dtype
+    winograd: bool = False  # the UNet's full-resolution convolutions as Winograd (transformed weights held)
 
 
-def _levers(config: ModelConfig) -> list[Levers]:
+def _levers(config: ModelConfig, winograd: bool = False) -> list[Levers]:
+    """The load-time ladder, cheapest in speed first (the module docstring)."""
     text = tuple(c for c in TEXT if getattr(config, c) is not None)
-    return [Levers(1, (), False), Levers(2, text, False), Levers(3, (*text, "vae"), False),
-            Levers(4, (*text, "vae"), True), Levers(5, (*text, "vae", "unet"), True)]
+    plain = [Levers(1, (), False), Levers(2, text, False), Levers(3, (*text, "vae"), False),
+             Levers(4, (*text, "vae"), True), Levers(5, (*text, "vae", "unet"), True)]
+    if not winograd:
+        return plain
+    return [dataclasses.replace(lv, winograd=True) for lv in plain[:3]] + plain[2:]
 
 
 class MemoryPlanner:
     """Makes a pipeline's MemoryPlans (see the module docstring). mode: "fast" | "balanced" | "low"; budget:
     bytes (or "3GB") above the post-import RSS that a request may reach; compute: the dtype the models compute
-    in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any."""
+    in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any; winograd: whether the
+    pipeline would run the UNet's full-resolution convolutions as Winograd (the machine's tuning measured it
+    faster; a plan may still give it up)."""
 
     def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
                  compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
                  device: torch.device | str = "cpu", machine_bytes: int | None = None,
-                 facts: ModelFacts | None = None):
+                 facts: ModelFacts | None = None, winograd: bool = False):
         mode = mode or "balanced"
         if mode not in MODES:
             raise SettingError(f"unknown memory mode {mode!r}; use one of: {', '.join(MODES)}")
@@ -266,6 +287,7 @@ class MemoryPlanner:
         self.attention, self.device = attention, torch.device(device)
         self.machine_bytes = machine_bytes if machine_bytes is not None else _machine_memory(self.device)
         self.facts = facts or model_facts(config)
+        self.winograd = winograd and quant is None and self.facts.winograd_weights > 0
         self._decode_cache: dict[tuple, int] = {}   # meta-device traces of the VAE decode, per size
         w, h = config.default_size, config.default_size
         self.levers = self._choose_levers(w, h)
@@ -274,10 +296,10 @@ class MemoryPlanner:
     # -- load time --
 
     def _choose_levers(self, width: int, height: int) -> Levers:
-        ladder = _levers(self.config)
+        ladder = _levers(self.config, self.winograd)
         if self.budget is None:
-            return ladder[4] if self.mode == "low" else ladder[0]
-        start = 4 if self.mode == "low" else 0
+            return ladder[-1] if self.mode == "low" else ladder[0]
+        start = len(ladder) - 1 if self.mode == "low" else 0
         for lv in ladder[start:]:
             if self._pick(lv, width, height, 1, True, refuse=False).fits():
                 return lv
@@ -348,9 +370,15 @@ class MemoryPlanner:
                 yield batch, None, None
             yield batch, TILE, TILE_BUDGET
 
+    @property
+    def uses_winograd(self) -> bool:
+        """Whether the load-time plan keeps the UNet's full-resolution convolutions as Winograd."""
+        return self.levers.winograd
+
     def _weights(self, lv: Levers, components) -> int:
         storage = self.storage(lv)
-        return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage)
+        winograd = 4 * 4 * self.facts.winograd_weights if lv.winograd and "unet" in components else 0  # fp32 U
+        return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage) + winograd
 
     def _overhead(self, tensors: int, component: str, lv: Levers) -> int:
         """Runtime bytes beside a stage's tensors: OVERHEAD_FRACTION of them, OVERHEAD_FIXED, one reordered
@@ -376,6 +404,9 @@ class MemoryPlanner:
         rows = (2 * n if guided else n) if batch is None else batch
         itemsize = torch.empty((), dtype=self.compute).element_size()
         unet_tensors = int(f.unet_per_row_pixel * rows * h * w * itemsize / 4)
+        if lv.winograd:   # a Winograd layer's V and M (fp32) beside its output, which the trace counts
+            tiles = rows * -(-h // 4) * -(-w // 4)
+            unet_tensors += 36 * tiles * self.facts.winograd_channels * 4
         attention = "fused (no N×N scores)"
         if self.attention == "reference":
             scores = rows * f.unet_attention_heads * (h * w) ** 2 * itemsize
@@ -408,7 +439,8 @@ class MemoryPlanner:
         return MemoryPlan(mode=self.mode, budget=self.budget, level=lv.level, resident=resident, staged=staged,
                           storage=tuple(self.storage(lv).items()), attention=attention, unet_batch=batch,
                           vae_tile=tile, vae_tile_budget=tile_budget, peaks=tuple(peaks.items()), width=width,
-                          height=height, n=n, guided=guided)
+                          height=height, n=n, guided=guided,
+                          winograd=4 * 4 * f.winograd_weights if lv.winograd else 0)
 
 
 def _machine_memory(device: torch.device) -> int:
