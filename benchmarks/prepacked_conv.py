@@ -8,8 +8,8 @@ runtime/winograd_conv.py).
                                         [--against KINDS] [--dtype fp32|bf16] [--json out.json]
 
 Layers: every distinct (in, out, kernel, stride, spatial) convolution of SD 1.5's UNet at each image size, batch
-2 (CFG), channels_last (fastldm's CPU layout) in `--dtype` (default: the one `fastldm.load` picks here), median of 7 calls each, with the summed time per UNet call
-(each shape times its count). The process is set up as the CLI's (threads, and glibc's malloc keeping large
+2 (CFG), channels_last (fastldm's CPU layout) in `--dtype` (default: the one `fastldm.load` picks here), median
+of 7 calls each, with the summed time per UNet call (each shape times its count). The process is set up as the CLI's (threads, and glibc's malloc keeping large
 freed blocks: without that, the per-call reorder buffer of a big weight is mmapped and page-faulted afresh at
 every call, and plain convolutions cost more still). UNet: two full-size SD 1.5 UNets with the same seeded
 random weights, one prepacked, called alternately (plain, packed, plain, ...) with the kernels `fastldm.load` picks on this machine

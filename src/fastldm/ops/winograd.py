@@ -70,7 +70,8 @@ class TransformedWeights:
 
     def __init__(self, max_bytes: int = 4 << 30):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, torch.dtype], tuple[weakref.ref, int | None, torch.Tensor]] = OrderedDict()
+        # (data_ptr, dtype of U) -> (weak reference to the weight, its version, U)
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, int | None, torch.Tensor]] = OrderedDict()
 
     @property
     def nbytes(self) -> int:
