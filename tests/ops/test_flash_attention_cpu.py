@@ -144,6 +144,29 @@ def test_build_key_tracks_what_shapes_the_binary():
     assert key == native_build.build_key(flash.LIBRARY, "AVX2", "g++ 12")
     assert key != native_build.build_key(flash.LIBRARY, "AVX2", "g++ 13")
     assert key != native_build.build_key(flash.LIBRARY, "AVX512", "g++ 12")
+    assert native_build.build_key(flash.LIBRARY, "AVX512", "g++ 12") != native_build.build_key(
+        flash.LIBRARY, "AVX512_BF16", "g++ 12")
+
+
+def test_build_key_tracks_the_shared_headers(tmp_path, monkeypatch):
+    """A kernel's source includes csrc/*.h (vec_exp2.h): editing one must rebuild, not reuse a stale library."""
+    for path in native_build.CSRC.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(native_build, "CSRC", tmp_path)
+    key = native_build.build_key(flash.LIBRARY, "AVX2", "g++ 12")
+    (tmp_path / "vec_exp2.h").write_text((tmp_path / "vec_exp2.h").read_text() + "\n// edited\n")
+    assert native_build.build_key(flash.LIBRARY, "AVX2", "g++ 12") != key
+
+
+def test_isa_reads_avx512_bf16_from_torch(monkeypatch):
+    """AVX-512 CPUs with bf16 instructions get their own build (softmax_cpu rounds with vcvtne2ps2bf16)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert native_build.isa() == "AVX512_BF16" and "-mavx512bf16" in native_build.flags("AVX512_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert native_build.isa() == "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert native_build.isa() == "AVX2"
 
 
 def test_torch_compile_traces_one_opaque_call(built):

@@ -1,8 +1,9 @@
 """Query-blocked attention for CPUs: softmax(q kᵀ / √D) v one cache-sized score block at a time.
 
 For each (batch, head), the queries are cut into blocks of R rows; a block's scores S = q_R kᵀ
-(R × M) are produced by one oneDNN GEMM, normalised by a row softmax while they are still in the cores'
-caches, and multiplied into v by a second GEMM. R is chosen so each thread's rows of a bf16 score
+(R × M) are produced by one oneDNN GEMM, normalised in place by a row softmax while they are still in the
+cores' caches (softmax_cpu.py's C++ kernel, 2.2-2.7× torch.softmax on a (512, 4096) bf16 block; torch's
+where it cannot be built), and multiplied into v by a second GEMM. R is chosen so each thread's rows of a bf16 score
 block take 2 MiB (R = threads · 2^20 / M, a power of two): bigger blocks mean fewer, larger GEMM calls,
 until they spill the L3 (a sweep of 0.5-4 MiB found 2 MiB fastest: docs/benchmarks.md, "Blocked
 attention"). This is
@@ -20,13 +21,15 @@ length, is fastest as it is.
 
 Limits, checked by `supports`: CPU tensors in bf16 (fp32 keeps torch's kernel), no causal mask, no fp32
 upcast, no autograd (training falls back to torch's kernel), and at least MIN_KEYS keys (with a short
-context, as in cross-attention on 77 text tokens, torch's kernel is as fast). Precision: P is rounded to bf16 before P·v, as in the plain bf16
-softmax(q kᵀ) v it is tested against.
+context, as in cross-attention on 77 text tokens, torch's kernel is as fast). Precision: P is rounded to
+bf16 before P·v, as in the plain bf16 softmax(q kᵀ) v it is tested against.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import softmax_cpu
 
 MIN_KEYS = 256
 BLOCK_BYTES = 2 << 20  # per thread
@@ -58,28 +61,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """q (B, H, N, D), k and v (B, H, M, D) -> (B, H, N, D), any strides (the UNet passes (B, N, H, D)
     transposed views). The result is a (B, N, H, D) tensor viewed as (B, H, N, D), so the caller's
     transpose back to tokens is free. `causal` and `upcast` must be False (see `supports`)."""
-    return _blocked(q, k, v).transpose(1, 2)
+    return _blocked(q, k, v, softmax_cpu.unavailable() is None).transpose(1, 2)
 
 
 # A custom op, so torch.compile keeps the block loop as one opaque call instead of unrolling it.
 @torch.library.custom_op("fastldm::blocked_attention", mutates_args=())
-def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q (B, H, N, D), k and v (B, H, M, D) -> (B, N, H, D)."""
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_softmax: bool) -> torch.Tensor:
+    """q (B, H, N, D), k and v (B, H, M, D) -> (B, N, H, D); the scores normalised by softmax_cpu's kernel
+    if `native_softmax`, else by torch's."""
     B, H, N, D = q.shape
     rows = block_rows(k.shape[2], torch.get_num_threads())
     q = q * D ** -0.5                               # (B, H, N, D), the scale applied once
     pad = -D % 16                                   # P·v with D = 40 columns: pad v to 48 (see above)
     out = torch.empty(B, N, H, D, dtype=q.dtype)   # (B, N, H, D)
+    softmax_ = torch.ops.fastldm.softmax_cpu_ if native_softmax else lambda s: s.softmax(-1)
     for b in range(B):
         for h in range(H):
             kt, vh = k[b, h].T, F.pad(v[b, h], (0, pad))  # (D, M), (M, D + pad)
             for i in range(0, N, rows):
                 scores = torch.mm(q[b, h, i:i + rows], kt)                # (R, M)
-                out[b, i:i + rows, h] = torch.mm(torch.softmax(scores, dim=-1), vh)[:, :D]  # (R, D)
+                out[b, i:i + rows, h] = torch.mm(softmax_(scores), vh)[:, :D]  # (R, D)
     return out
 
 
 @_blocked.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_softmax: bool) -> torch.Tensor:
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D)

@@ -43,6 +43,9 @@ ISA_FLAGS = {
     "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
                "-DCPU_CAPABILITY_AVX512"),
 }
+# AVX-512 with bf16 conversions and dot products (Zen 4, Cooper Lake, Sapphire Rapids): ATen's AVX-512 build,
+# and kernels may use the bf16 instructions where __AVX512BF16__ is defined (softmax_cpu.cpp rounds to bf16).
+ISA_FLAGS["AVX512_BF16"] = ISA_FLAGS["AVX512"] + ("-mavx512bf16",)
 COMMON_FLAGS = ("-O3", "-fvisibility=hidden", "-fopenmp")  # -fopenmp: at::parallel_for is serial without it
 
 
@@ -52,8 +55,11 @@ def cache_dir() -> Path:
 
 
 def isa() -> str:
-    """The vector ISA torch dispatches its CPU kernels to here: "AVX2", "AVX512", "DEFAULT", ..."""
-    return torch.backends.cpu.get_cpu_capability()
+    """The vector ISA torch dispatches its CPU kernels to here: "AVX2", "AVX512", "DEFAULT", ..., with
+    "AVX512" read as "AVX512_BF16" where the CPU has AVX512_BF16."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "AVX512_BF16" if capability == "AVX512" and bf16 else capability
 
 
 def compiler() -> str:
@@ -80,7 +86,8 @@ def _compiler_identity(cxx: str) -> str:
 def build_key(name: str, capability: str, compiler_identity: str) -> str:
     """The cache directory name of library `name`: readable parts, then a hash of all that shapes the binary."""
     h = hashlib.sha256()
-    for part in ((CSRC / f"{name}.cpp").read_bytes(), torch.__version__.encode(), sys.version.encode(),
+    headers = [path.read_bytes() for path in sorted(CSRC.glob("*.h"))]  # any may be included: all are hashed
+    for part in ((CSRC / f"{name}.cpp").read_bytes(), *headers, torch.__version__.encode(), sys.version.encode(),
                  compiler_identity.encode(), " ".join(flags(capability)).encode()):
         h.update(hashlib.sha256(part).digest())
     return f"{name}-torch{torch.__version__}-{capability}-{h.hexdigest()[:16]}"

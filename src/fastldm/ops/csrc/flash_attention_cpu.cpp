@@ -14,9 +14,7 @@
 // accumulators: 24 queries with AVX2, 48 with AVX-512), fp32 fused multiply-adds.
 //
 // The exponential is base 2: p = 2^(c·s − c·m) with c = log2(e)/√D, the scale and the max taken in one
-// fused multiply-add, and 2^x = 2^n · p(x − n) with n = round(x) and p a degree-5 minimax polynomial of
-// 2^f on [−½, ½] (fitted by Lawson's reweighted least squares): max relative error 2.3e-7 in fp32 (≈ 2
-// ulp; torch's Sleef exp is 1 ulp, ATen's exp_u20 20 ulp).
+// fused multiply-add, and 2^x from vec_exp2.h (degree 5: max relative error 2.3e-7 in fp32).
 //
 // Qᵀ is packed and the output unpacked with ATen's 8 × 8 vectorised transposes. bf16 inputs are converted
 // to fp32 as they are packed (Qᵀ once per query block, K and V once per head per thread); all arithmetic
@@ -38,29 +36,15 @@
 #include <memory>
 #include <type_traits>
 
+#include "vec_exp2.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-using IVec = at::vec::Vectorized<int32_t>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int kRows = 4;                    // register tile: kRows rows × kVecs vectors of queries
 constexpr int kVecs = 3;
 constexpr int64_t kPanel = kVecs * kLanes;  // queries per register tile
-
-// 2^x, for the x ≤ 0 of a softmax; below −125 it returns 2^−125 (≈ 2e-38, a zero next to the row max's 1).
-inline Vec exp2_poly(Vec x) {
-  x = at::vec::clamp_min(x, Vec(-125.f));
-  const Vec n = x.round();
-  const Vec f = x - n;  // in [−½, ½]
-  Vec p(1.3276471e-3f);
-  p = at::vec::fmadd(p, f, Vec(9.6755419e-3f));
-  p = at::vec::fmadd(p, f, Vec(5.5507131e-2f));
-  p = at::vec::fmadd(p, f, Vec(2.4022120e-1f));
-  p = at::vec::fmadd(p, f, Vec(6.9314694e-1f));
-  p = at::vec::fmadd(p, f, Vec(1.0000001f));
-  const IVec shift = at::vec::convert_to_int_of_same_size(n) << IVec(23);  // n into the exponent field
-  return at::vec::cast<float>(at::vec::cast<int32_t>(p) + shift);
-}
 
 // The tiles' loops over rows and vectors are unrolled at compile time (c10::ForcedUnroll) and the tiles are
 // never inlined, so their accumulator arrays live in registers for every tile shape (inlined into the task
@@ -258,11 +242,11 @@ void flash(const View<scalar_t> q, const View<scalar_t> k, const View<scalar_t> 
           for (int64_t i = 0; i < cols; i += kLanes) {
             const Vec m_old = Vec::loadu(m + i);
             const Vec m_new = at::vec::clamp_min(Vec::loadu(bmax + i), m_old);
-            const Vec a = exp2_poly((m_old - m_new) * c);
+            const Vec a = fastldm::exp2_poly((m_old - m_new) * c);
             const Vec shift = m_new * minus_c;
             Vec sum(0.f);
             for (int64_t j = 0; j < nk; ++j) {
-              const Vec pj = exp2_poly(at::vec::fmadd(Vec::loadu(st + j * bq + i), c, shift));
+              const Vec pj = fastldm::exp2_poly(at::vec::fmadd(Vec::loadu(st + j * bq + i), c, shift));
               pj.store(st + j * bq + i);
               sum = sum + pj;
             }
