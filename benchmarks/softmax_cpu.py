@@ -8,8 +8,9 @@ warm-up calls, the process set up as the CLI's (threads, malloc):
    self-attention at 256² and 512² (M = 256 … 4096), with each softmax's max error against fp64;
 2. the whole blocked attention call at those shapes (batch 2, 8 heads, (B, N, H, D) memory as the UNet
    passes it), the op run with the kernel and with torch's softmax;
-3. with `--unet-latent L`, one full-size SD 1.5 UNet call in bf16 (random weights, channels_last, batch 2,
-   attention forced to "blocked") at an L×L latent (64: a 512² image), the kernel switched off by making it
+3. with `--unet-latent L`, one full-size SD 1.5 UNet call in bf16 (random weights, optimised as
+   `fastldm.load` does: channels_last, packed weights, Winograd; batch 2; "blocked" attention where it
+   applies, as the tuning picks it) at an L×L latent (64: a 512² image), the kernel switched off by making it
    report itself unavailable.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fastldm.bench.ablation import random_unet, unet_inputs
 from fastldm.families import PRESETS
 from fastldm.ops import blocked_attention, softmax_cpu
 from fastldm.runtime.device import configure_process, cpu_info
-from fastldm.runtime.optimize import layout
+from fastldm.runtime.optimize import optimize
 
 LEVELS = [(40, 1), (80, 2), (160, 4)]  # SD 1.5's self-attention levels: head dim, latent downsampling
 
@@ -75,13 +76,13 @@ def calls(rounds: int) -> list[dict]:
 
 def unet(latent: int, rounds: int) -> dict:
     config = PRESETS["sd1"].unet
-    model = layout(random_unet(config, dtype=torch.bfloat16))
+    model = optimize({"unet": random_unet(config, dtype=torch.bfloat16)}, torch.device("cpu"))["unet"]
     args = {k: v.bfloat16() if v.is_floating_point() else v
             for k, v in unet_inputs(config, latent, "cpu", torch.bfloat16).items()}
 
     def call(native: bool):
-        with ops.use(attention="blocked"), mock.patch.object(softmax_cpu, "unavailable",
-                                                              lambda: None if native else "switched off"):
+        with ops.registry.prefer({("attention", "cpu", torch.bfloat16): "blocked"}), \
+                mock.patch.object(softmax_cpu, "unavailable", lambda: None if native else "switched off"):
             return model(**args)
 
     with torch.inference_mode():
