@@ -83,11 +83,15 @@ def test_cache_interval_with_cfg_batch(pipe):
 
 def test_batched_render_is_generate(pipe):
     # Labels are made from batched renders; they must be the images `generate(prompt, seed=s)` gives.
-    # 1e-5: the same ops on a batch of 2 vs 1 (matmul blocking may differ in the last bits).
+    # The same ops on a batch of 2 vs 1: GEMM blocking may differ in the last bits. 1e-5 with direct
+    # convolutions; 5e-5 where the machine's tuning runs the full-resolution convolutions as Winograd, whose
+    # GEMMs work on transformed values several times the activations' size (1.3e-5 measured on an AVX-512
+    # EPYC). Either is far below an 8-bit level (3.9e-3).
+    winograd = pipe.runtime_choice is not None and pipe.runtime_choice.winograd == "faster"
     raw = render(pipe, PROMPTS[:2], [7, 8], 3, "Euler", guidance=5.0)
     for i, p in enumerate(PROMPTS[:2]):
         ref = pipe.generate(p, steps=3, sampler="Euler", guidance=5.0, seed=7 + i).raw[0]
-        assert np.abs(raw[i] - ref).max() <= 1e-5
+        assert np.abs(raw[i] - ref).max() <= (5e-5 if winograd else 1e-5)
 
 
 def test_label_table_and_resume(pipe, tmp_path):
