@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import BackendUnavailable
 from . import softmax_cpu
 
 MIN_KEYS = 256
@@ -74,6 +75,8 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_softmax: 
     q = q * D ** -0.5                               # (B, H, N, D), the scale applied once
     pad = -D % 16                                   # P·v with D = 40 columns: pad v to 48 (see above)
     out = torch.empty(B, N, H, D, dtype=q.dtype)   # (B, N, H, D)
+    if native_softmax and softmax_cpu.unavailable() is not None:  # also loads the library on a direct call
+        raise BackendUnavailable(softmax_cpu.unavailable())
     softmax_ = torch.ops.fastldm.softmax_cpu_ if native_softmax else lambda s: s.softmax(-1)
     for b in range(B):
         for h in range(H):
