@@ -14,7 +14,7 @@ from .pipeline import Pipeline
 from .ops.registry import Kernels
 from .runtime.device import default_dtype
 from .runtime.memory_plan import MemoryPlanner
-from .runtime.optimize import optimize
+from .runtime.optimize import optimize, winograd_wanted
 from .runtime.prepack import KINDS
 from .runtime.quant import int8_layer
 from .runtime.residency import Residency
@@ -64,7 +64,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     {"attention": "reference"}; on a CPU the UNet's convolutions, and its linears at few rows, run with
     oneDNN-packed weights (runtime/prepack.py) unless tuning measured packing slower (or, for convolutions, a
     conv2d backend is forced), and its full-resolution convolutions as Winograd F(4×4, 3×3) where tuning measured
-    that faster (fp32 or bf16; runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
+    that faster (fp32 or bf16; in a bf16 model the half-resolution ones too where measured faster there;
+    runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
     attention kernel, whether to pack convolution and linear weights and whether to run Winograd by
     measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
     `pipe.runtime_choice` says what was chosen.
@@ -94,8 +95,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     # lowers oneDNN's packed linear only for the frozen weights of its own freezing, and has convolutions of its
     # own), and Winograd where a memory plan gives it up for memory.
     packed_kinds = KINDS if choice is None else choice.packed_kinds
-    packed_kinds -= {"conv", "winograd"} if "conv2d" in kernels.forced else set()
-    packed_kinds -= {"linear", "winograd"} if compile else set()
+    packed_kinds -= {"conv", "winograd", "winograd2"} if "conv2d" in kernels.forced else set()
+    packed_kinds -= {"linear", "winograd", "winograd2"} if compile else set()
     planner = None
     if memory is not None or memory_budget is not None:
         config = read_config(path, prediction_type)
@@ -105,9 +106,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         compute = dtype or default_dtype(device, config)
         planner = MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
                                 attention=kernels.forced.get("attention"), device=device,
-                                winograd="winograd" in packed_kinds and device.type == "cpu"
-                                and compute in (torch.float32, torch.bfloat16))
-        packed_kinds -= set() if planner.uses_winograd else {"winograd"}
+                                winograd=winograd_wanted(packed_kinds, device, compute))
+        packed_kinds -= ({"winograd", "winograd2"}, {"winograd2"}, set())[planner.winograd_levels]
     staged, storage = (planner.staged, planner.storage_dtypes()) if planner is not None else ((), {})
     graphs = cuda_graphs_wanted(cuda_graphs, device, bool(compile), "unet" in staged)  # refuses before reading
     optimize({}, device, quant=quant)   # checks the setting before anything is read

@@ -506,27 +506,29 @@ def info(path, allow_pickle, runtime, threads, memory, memory_budget, quant) -> 
     from .inspect import describe
     from .loading.load import read_config
 
+    import torch
+
+    from .runtime import tuning
+    from .runtime.device import configure_process, default_dtype
+    from .runtime.memory_plan import MemoryPlanner
+    from .runtime.optimize import winograd_wanted
+
     click.echo(describe(path, allow_pickle=allow_pickle))
     config = read_config(path)
-    if config is not None:
-        import torch
-
-        from .runtime.device import default_dtype
-        from .runtime.memory_plan import MemoryPlanner
-
-        cpu = torch.device("cpu")
-        click.echo(MemoryPlanner(config, memory, memory_budget, compute=default_dtype(cpu, config),
-                                 quant=quant).plan.describe())
     if runtime:
-        from .runtime import tuning
-        from .runtime.device import configure_process
-
         configure_process(threads)
-        config = read_config(path)
-        if config is None:
-            click.echo("runtime:         (not measured for pickle files; convert the checkpoint to safetensors)")
-        else:
-            click.echo(tuning.describe(tuning.choose(config)))
+    # The plan as `fastldm.load` makes it: with the dtype and Winograd levels this CPU's tuning chose (measured now
+    # with --runtime, else as measured at an earlier load, else the defaults without measuring).
+    choice = None if config is None else tuning.choose(config) if runtime else tuning.cached(config)
+    if config is not None:
+        cpu = torch.device("cpu")
+        compute = default_dtype(cpu, config) if choice is None else choice.torch_dtype
+        wino = 0 if choice is None else winograd_wanted(choice.packed_kinds, cpu, compute)
+        click.echo(MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
+                                 winograd=wino).plan.describe())
+    if runtime:
+        click.echo("runtime:         (not measured for pickle files; convert the checkpoint to safetensors)"
+                   if choice is None else tuning.describe(choice))
 
 
 @main.command("eval-shapes")

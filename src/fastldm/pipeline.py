@@ -34,7 +34,7 @@ from .runtime.executors import UNetRuntime
 from .runtime.memory_plan import MemoryPlan, MemoryPlanner
 from .runtime.residency import Residency
 from .runtime.step_predictor import StepPredictors
-from .runtime.winograd_conv import WinogradConv2d
+from .runtime.winograd_conv import winograd_levels
 from .samplers import SamplerSpec, randn
 from .schedules import NoiseSchedule
 from .tokenizer import CLIPTokenizer, apply_weights
@@ -73,8 +73,7 @@ class Pipeline:
         if self._memory is None:
             self._memory = MemoryPlanner(self.config, compute=self.dtype, device=self.device,
                                          attention=self.kernels.forced.get("attention"),
-                                         winograd=self.unet is not None and any(
-                                             isinstance(m, WinogradConv2d) for m in self.unet.modules()))
+                                         winograd=0 if self.unet is None else winograd_levels(self.unet))
         return self._memory
 
     @property

@@ -98,7 +98,7 @@ def test_winograd_is_given_up_after_staging_and_before_16_bit_weights(planner):
     them before widening 16-bit weights; "low" and int8 never hold them."""
     facts = model_facts(PRESETS["sd1"])
     assert facts.winograd_channels == 960 + 320 and 250 * MiB < 16 * facts.winograd_weights < 256 * MiB
-    plain, wino = planner().plan, planner(winograd=True).plan
+    plain, wino = planner().plan, planner(winograd=1).plan
     assert (plain.winograd, wino.winograd) == (0, 16 * facts.winograd_weights) and wino.level == 1
     # the denoise peak grows by the transformed weights and one layer's V and M (36 · 512 tiles · 1,280 · 4 B)
     grown = dict(wino.peaks)["denoise"] - dict(plain.peaks)["denoise"]
@@ -107,20 +107,40 @@ def test_winograd_is_given_up_after_staging_and_before_16_bit_weights(planner):
     # Under budgets: the text encoders are staged before Winograd is given up, and it is given up before the
     # weights go to 16 bits (4.6 GB: level 2, the UNet resident through the decode).
     l2 = planner(budget="4.6GB").plan
-    staged = planner(budget=l2.peak + wino.winograd + 16 * MiB, winograd=True)
-    assert staged.uses_winograd and staged.plan.level == 2 and staged.plan.fits()
+    staged = planner(budget=l2.peak + wino.winograd + 16 * MiB, winograd=1)
+    assert staged.winograd_levels == 1 and staged.plan.level == 2 and staged.plan.fits()
     # Budgets falling in 64 MiB steps walk the ladder in order: Winograd is kept through levels 1-3 while they
     # fit (tiling the VAE where that suffices), then level 3 runs without it, then 16-bit weights; never back.
     walk = []
     for budget in range(int(wino.peak) + 64 * MiB, 2 * GiB, -64 * MiB):
-        chosen = planner(budget=budget, winograd=True)
+        chosen = planner(budget=budget, winograd=1)
         assert chosen.plan.fits()
-        walk.append((chosen.plan.level, not chosen.uses_winograd))
+        walk.append((chosen.plan.level, not chosen.winograd_levels))
     assert walk == sorted(walk, key=lambda s: (s[1], s[0])) and walk[0] == (1, False)
     assert {(2, False), (3, True), (4, True)} <= set(walk)
-    assert planner(budget="3GB", winograd=True).plan.winograd == 0          # 16-bit weights: none
-    assert not planner("low", winograd=True).uses_winograd
-    assert not planner(quant="int8", winograd=True).uses_winograd
+    assert planner(budget="3GB", winograd=1).plan.winograd == 0          # 16-bit weights: none
+    assert not planner("low", winograd=1).winograd_levels
+    assert not planner(quant="int8", winograd=1).winograd_levels
+
+
+def test_winograd_at_half_resolution_fits_beside_16_bit_weights_only(planner):
+    """Where tuning measured the half-resolution convolutions faster too, a bf16 SD 1.5 holds their transforms
+    (0.93 GiB more: its weights and every transform stay within its fp32 weights' 3.2 GiB); an fp32 one keeps
+    only the full-resolution ones. Budgets give up the half-resolution ones first, at level 3."""
+    facts = model_facts(PRESETS["sd1"])
+    assert facts.winograd_channels_half == 1920 + 640 and 0.9 * GiB < 16 * facts.winograd_weights_half < 0.95 * GiB
+    assert planner(winograd=2).winograd_levels == 1                             # fp32
+    one, two = (planner(compute=torch.bfloat16, winograd=n) for n in (1, 2))
+    assert two.winograd_levels == 2 and two.plan.winograd == 16 * (facts.winograd_weights + facts.winograd_weights_half)
+    assert dict(two.plan.peaks)["denoise"] - dict(one.plan.peaks)["denoise"] >= 16 * facts.winograd_weights_half
+    assert "full- and half-resolution convs" in two.plan.describe()
+    walk = []
+    for budget in range(int(two.plan.peak) + 64 * MiB, 2 * GiB, -64 * MiB):
+        chosen = planner(compute=torch.bfloat16, budget=budget, winograd=2)
+        assert chosen.plan.fits()
+        walk.append((chosen.plan.level, -chosen.winograd_levels))
+    assert walk == sorted(walk, key=lambda s: (s[1], s[0])) and walk[0] == (1, -2)
+    assert {(2, -2), (3, -1), (3, 0)} <= set(walk)
 
 
 def test_reference_attention_counts_its_scores(planner):

@@ -125,6 +125,45 @@ def test_winograd_is_measured_at_full_resolution_in_the_models_dtype(monkeypatch
     assert not any(c.startswith("WinogradConv2d float32") for c in calls)
 
 
+@pytest.mark.parametrize("half_ms,verdict", [(0.4, "faster"), (1.4, "slower")])
+def test_winograd_at_half_resolution_is_measured_in_a_16_bit_model_where_the_first_level_pays(monkeypatch, half_ms,
+                                                                                              verdict):
+    if tuning.winograd_cpu.unavailable() is not None:
+        pytest.skip(tuning.winograd_cpu.unavailable())
+    full_ms = {"full": 0.4}
+    shapes = []
+
+    def time_ms(fn, args, kwargs, dev, repeats=5):
+        x = args[0]
+        if isinstance(fn, tuning.WinogradConv2d):
+            shapes.append(tuple(x.shape))
+            return full_ms["full"] if x.shape[-1] == 64 else half_ms
+        return 9.0 if x.dtype == torch.bfloat16 and fn in (torch.nn.functional.conv2d, torch.mm) else 1.0
+
+    monkeypatch.setattr(tuning.autotune, "time_ms", time_ms)
+    _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
+    choice = tuning.measure(PRESETS["sd1"])
+    # SD 1.5's second level at its default 512²: 640 channels at a 32×32 latent, CFG batch 2, in bf16.
+    assert choice.dtype == "bf16" and choice.winograd == "faster" and choice.winograd2 == verdict
+    assert choice.ms["conv 640x32x32 winograd"] == half_ms and (2, 640, 32, 32) in shapes
+    assert ("winograd2" in choice.packed_kinds) == (verdict == "faster")
+    assert ("full- and half-resolution" in str(choice)) == (verdict == "faster")
+    assert tuning.half_resolution_convs(choice).startswith("Winograd" if verdict == "faster" else "as the other")
+    assert "half-res convs:" in tuning.describe(choice)
+    # An fp32 model (emulated bf16 measured slower): no room for the transforms, so not measured.
+    _fake_cpu(monkeypatch, {"avx2"})
+    shapes.clear()
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.dtype == "fp32" and choice.winograd == "faster" and (2, 640, 32, 32) not in shapes
+    assert choice.winograd2.startswith("unavailable: an fp32 model") and "winograd2" not in choice.packed_kinds
+    # Winograd slower at full resolution: the half is not tried either.
+    _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
+    full_ms["full"], shapes[:] = 99.0, []
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.winograd == "slower" and choice.winograd2 == "unavailable: Winograd measured slower at full resolution"
+    assert shapes == [(2, 320, 64, 64)]
+
+
 def test_a_layer_onednn_will_not_pack_leaves_the_weights_plain(monkeypatch):
     """The 1×1 probe of `unpackable` passed but the model's own deepest layer does not pack: plain, with why."""
     _fake_cpu(monkeypatch, {"avx2"})

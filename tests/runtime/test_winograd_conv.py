@@ -3,6 +3,7 @@ compute, what they keep, and how `fastldm.load` applies them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,28 +15,36 @@ from fastldm.models import UNet2DConditionModel
 from fastldm.ops import winograd_cpu
 from fastldm.runtime import optimize
 from fastldm.runtime.prepack import PackedConv2d
-from fastldm.runtime.winograd_conv import WinogradConv2d, full_resolution_convs, use_winograd
-from fastldm.testing import psnr
+from fastldm.runtime.winograd_conv import (WinogradConv2d, fits_next_level, level_convs, transformed_bytes,
+                                          use_winograd, winograd_levels)
+from fastldm.testing import psnr, randomize_
 
-from .test_optimize import tiny_unet, unet_inputs
+from .test_optimize import TINY, tiny_unet, unet_inputs
 
 pytestmark = pytest.mark.skipif(winograd_cpu.unavailable() is not None, reason=f"{winograd_cpu.unavailable()}")
 
 
 def test_the_layers_at_full_resolution_are_chosen():
     # test_optimize's TINY: two levels of one resnet each; the up blocks have layers + 1 resnets.
-    assert full_resolution_convs(tiny_unet()) == [
+    assert level_convs(tiny_unet(), 0) == [
         "down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv2", "up_blocks.0.upsamplers.0.conv",
         "up_blocks.1.resnets.0.conv1", "up_blocks.1.resnets.0.conv2", "up_blocks.1.resnets.1.conv1",
         "up_blocks.1.resnets.1.conv2"]
     with torch.device("meta"):
         sd = UNet2DConditionModel(PRESETS["sd1"].unet)
-    names = full_resolution_convs(sd)
+    names = level_convs(sd, 0)
     # SD 1.5: 2 down resnets and 3 up resnets of two 3×3 convs, and up_blocks.2's upsampler (640 -> 640); not
     # conv_in (4 channels in), conv_out (4 out) or the first level's stride-2 downsampler.
     assert len(names) == 11 and "up_blocks.2.upsamplers.0.conv" in names
     assert not {"conv_in", "conv_out", "down_blocks.0.downsamplers.0.conv"} & set(names)
     assert all(sd.get_submodule(n).out_channels in (320, 640) for n in names)
+    # Half the resolution: down_blocks.1's resnets, up_blocks.2's (not its upsampler: that one runs at full
+    # resolution) and up_blocks.1's upsampler (1280 channels, feeding up_blocks.2).
+    half = level_convs(sd, 1)
+    assert len(half) == 11 and "up_blocks.1.upsamplers.0.conv" in half and not set(half) & set(names)
+    assert not any(n.startswith(("up_blocks.2.upsamplers", "down_blocks.0", "down_blocks.1.downsamplers")) for n in half)
+    assert {sd.get_submodule(n).out_channels for n in half} == {640, 1280}
+    assert level_convs(sd, 4) == [] and len(level_convs(tiny_unet(), 1)) == 6
 
 
 def test_a_winograd_unet_computes_what_the_plain_one_does_and_keeps_its_weights():
@@ -52,6 +61,32 @@ def test_a_winograd_unet_computes_what_the_plain_one_does_and_keeps_its_weights(
     assert all(torch.equal(state[k], plain[k]) for k in plain)
     layer = unet.down_blocks[0].resnets[0].conv1
     assert isinstance(layer, WinogradConv2d) and layer.u.shape == (36, 32, 32)  # (36, C, K)
+
+
+THREE = dataclasses.replace(TINY, block_out_channels=(32, 32, 256), layers_per_block=(1, 1, 1),
+                            cross_attn=(True, True, True), attention_heads=(2, 2, 2), transformer_layers_per_block=(1, 1, 1))
+
+
+def test_the_half_resolution_convs_join_only_where_their_transforms_fit():
+    """`next_level` adds level 1 where the weights and every transform stay within the fp32 weights' bytes: a 16-bit
+    UNet whose first two levels hold few of its weights (as SD 1.5's: 9 %), never an fp32 one."""
+    weights = 859_520_964                       # SD 1.5's UNet; levels 0 and 1: 16.6M + 62.7M 3×3 weight elements
+    assert fits_next_level(weights, 2, transformed_bytes(16_588_800 + 62_668_800))
+    assert not fits_next_level(weights, 4, transformed_bytes(1))
+    assert not fits_next_level(1_043_780, 2, transformed_bytes(119_808 + 258_048))   # TINY: mostly 3×3 weights
+    fp32, tiny = randomize_(UNet2DConditionModel(THREE), seed=0, std=0.1).eval().requires_grad_(False), tiny_unet()
+    assert use_winograd(copy.deepcopy(fp32), next_level=True) == 7 and use_winograd(tiny.bfloat16(), True) == 7
+    assert winograd_levels(tiny) == 1 and winograd_levels(fp32) == 0
+    ref = copy.deepcopy(fp32).bfloat16()
+    unet = copy.deepcopy(ref)
+    assert use_winograd(unet, next_level=True) == 14 and winograd_levels(unet) == 2
+    assert all(isinstance(unet.get_submodule(n), WinogradConv2d) for n in level_convs(unet, 1))
+    x, t, c = unet_inputs()
+    with torch.inference_mode():
+        want = fp32(x, t, c)
+        err = (unet(x.bfloat16(), t, c.bfloat16()).float() - want).abs().max()
+        plain = (ref(x.bfloat16(), t, c.bfloat16()).float() - want).abs().max()
+    assert err <= 2 * plain + 1e-3 * want.abs().max()   # as close to fp32 as the plain bf16 UNet (rounding only)
 
 
 def test_new_weights_are_transformed_again():
@@ -111,6 +146,13 @@ def test_optimize_swaps_them_in_before_packing_the_rest():
     assert isinstance(unet.conv_in, PackedConv2d) and isinstance(unet.down_blocks[0].resnets[0].conv1, WinogradConv2d)
     assert "winograd" in optimize.packable(tiny_unet(torch.bfloat16), frozenset({"winograd"}))  # fp32 GEMMs
     assert "winograd" not in optimize.packable(tiny_unet(torch.float16), frozenset({"winograd"}))
+    # "winograd2" comes with "winograd" only, and adds the half-resolution layers where they fit (bf16 here)
+    both = frozenset({"winograd", "winograd2"})
+    assert optimize.packable(tiny_unet(torch.bfloat16), both) == both
+    assert optimize.packable(tiny_unet(torch.float16), both) == frozenset()
+    three = randomize_(UNet2DConditionModel(THREE), seed=0, std=0.1).eval().requires_grad_(False).bfloat16()
+    optimize.optimize({"unet": three}, torch.device("cpu"), pack=both | {"conv"})
+    assert sum(isinstance(m, WinogradConv2d) for m in three.modules()) == 14 and winograd_levels(three) == 2
 
 
 def _images(pipe):
@@ -125,7 +167,7 @@ def test_load_uses_winograd_where_measured_faster_and_the_images_agree(monkeypat
     monkeypatch.setattr("fastldm.api.choose", lambda config: faster)
     pipe = fastldm.load(fastldm.default_model())
     with torch.device("meta"):
-        expected = len(full_resolution_convs(UNet2DConditionModel(pipe.config.unet)))
+        expected = len(level_convs(UNet2DConditionModel(pipe.config.unet), 0))
     assert sum(isinstance(m, WinogradConv2d) for m in pipe.unet.modules()) == expected > 0
     assert "Winograd full-resolution convs" in str(faster)
     assert tuning.full_resolution_convs(faster).startswith("Winograd F(4x4, 3x3)")
@@ -136,9 +178,16 @@ def test_load_uses_winograd_where_measured_faster_and_the_images_agree(monkeypat
     # Memory plans count the transformed weights: "fast" keeps them, "low" gives them up.
     fast = fastldm.load(fastldm.default_model(), memory="fast")
     assert sum(isinstance(m, WinogradConv2d) for m in fast.unet.modules()) == expected
-    assert fast.memory_plan.winograd > 0 and fast.memory.uses_winograd
+    assert fast.memory_plan.winograd > 0 and fast.memory.winograd_levels == 1
     low = fastldm.load(fastldm.default_model(), memory="low")
     assert not any(isinstance(m, WinogradConv2d) for m in low.unet.modules()) and low.memory_plan.winograd == 0
     # A pipeline loaded without a plan makes its planner on first use: it sees the Winograd layers.
-    assert pipe.memory.uses_winograd
-    assert base.memory.uses_winograd == (base.runtime_choice.winograd == "faster")
+    assert pipe.memory.winograd_levels == 1
+    assert base.memory.winograd_levels == (base.runtime_choice.winograd == "faster")
+    # The half-resolution layers measured faster too: an fp32 model has no room for their transforms.
+    both = faster.__class__(**{**faster.__dict__, "winograd2": "faster"})
+    monkeypatch.setattr("fastldm.api.choose", lambda config: both)
+    for memory in (None, "fast"):
+        again = fastldm.load(fastldm.default_model(), memory=memory)
+        assert sum(isinstance(m, WinogradConv2d) for m in again.unet.modules()) == expected
+        assert again.memory.winograd_levels == 1 and "full-resolution convs" in again.memory_plan.describe()

@@ -17,7 +17,9 @@ The levers, cheapest in speed first (a budget takes the first plan whose predict
             Where the machine runs the UNet's full-resolution convolutions as Winograd (runtime/winograd_conv.py:
             their weights transformed, 4× a 3×3 weight, in fp32), levels 1-3 are tried with them first, then
             level 3 without: per step they save more (~10 % of a step) than a text encoder's or the VAE's
-            reload costs per request, and they are given up before the weights go to 16 bits. "low" runs
+            reload costs per request, and they are given up before the weights go to 16 bits. Where its
+            half-resolution ones run as Winograd too (a 16-bit model whose weights leave room for them), levels
+            1-3 are tried with both, then level 3 with the full-resolution ones only, then without. "low" runs
             without them.
     per request a. one UNet call per step for the whole batch, untiled VAE
                 b. tiled VAE decode/encode (runtime/tiled_vae.py, exact statistics: the same image)
@@ -57,7 +59,7 @@ from ..errors import MemoryBudgetError, SettingError
 from ..families import vae_dtype
 from ..files import atomic_write_bytes, cache_root
 from .weight_storage import MAX_WIDEN
-from .winograd_conv import full_resolution_convs
+from .winograd_conv import fits_next_level, level_convs, transformed_bytes
 
 MODES = ("fast", "balanced", "low")
 TEXT = ("text_encoder", "text_encoder_2")
@@ -121,6 +123,7 @@ class MemoryPlan:
     n: int
     guided: bool
     winograd: int = 0      # bytes of Winograd's transformed weights held (0: the convolutions run direct)
+    winograd_levels: int = 0  # UNet levels whose 3×3 convolutions run as Winograd: 1 full resolution, 2 and half
 
     @property
     def sequential_cfg(self) -> bool:
@@ -141,7 +144,8 @@ class MemoryPlan:
                 f"  staged:        {', '.join(self.staged) or 'none'} (loaded for their stage, released after)",
                 "  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
                 f"  attention:     {self.attention}",
-                "  Winograd:      " + (f"full-resolution convs, {_mib(self.winograd)} of transformed weights"
+                "  Winograd:      " + (("full- and half-resolution" if self.winograd_levels > 1 else "full-resolution")
+                                        + f" convs, {_mib(self.winograd)} of transformed weights"
                                         if self.winograd else "none"),
                 "  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
                                         f"at most {self.unet_batch} rows per call"
@@ -169,6 +173,13 @@ class ModelFacts:
     unet_attention_heads: int           # heads at the highest resolution (for a forced reference backend)
     winograd_weights: int = 0           # elements of the UNet's full-resolution 3×3 weights (winograd_conv.py)
     winograd_channels: int = 0          # the widest of those layers' in + out channels (its V and M buffers)
+    winograd_weights_half: int = 0      # the same at half the resolution (winograd_conv.level_convs(unet, 1))
+    winograd_channels_half: int = 0
+
+    def winograd_bytes(self, levels: int) -> int:
+        """Bytes of the transformed weights of the UNet's first `levels` levels (0-2) of 3×3 convolutions."""
+        return transformed_bytes((self.winograd_weights if levels > 0 else 0)
+                                 + (self.winograd_weights_half if levels > 1 else 0))
 
     def weight_bytes(self, component: str, storage: str) -> int:
         m, r = self.matrix[component], self.rest[component]
@@ -183,7 +194,7 @@ class ModelFacts:
         raise ValueError(storage)
 
 
-FACTS_FORMAT = 2   # bump when what ModelFacts holds, or how it is measured, changes
+FACTS_FORMAT = 3   # bump when what ModelFacts holds, or how it is measured, changes
 
 
 def model_facts(config: ModelConfig) -> ModelFacts:
@@ -222,10 +233,11 @@ def measure_facts(config: ModelConfig) -> ModelFacts:
         rest[name] = sum(p.numel() for p in m.parameters()) - matrix[name] + sum(b.numel() for b in m.buffers())
         largest[name] = max(weights)
     per_pixel = _unet_tensor_peak(modules["unet"], config) / 64
-    full = [modules["unet"].get_submodule(n) for n in full_resolution_convs(modules["unet"])]
-    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]),
-                      sum(c.weight.numel() for c in full), max((c.in_channels + c.out_channels for c in full),
-                                                               default=0))
+    full, half = ([modules["unet"].get_submodule(n) for n in level_convs(modules["unet"], level)] for level in (0, 1))
+    weights, channels = ([sum(c.weight.numel() for c in convs) for convs in (full, half)],
+                         [max((c.in_channels + c.out_channels for c in convs), default=0) for convs in (full, half)])
+    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]), weights[0], channels[0],
+                      weights[1], channels[1])
 
 
 def _unet_tensor_peak(unet: nn.Module, config: ModelConfig) -> int:
@@ -255,30 +267,32 @@ class Levers:
     level: int
     staged: tuple[str, ...]
     widen: bool            # weights stored fp16, widened to the fp32 compute dtype
-    winograd: bool = False  # the UNet's full-resolution convolutions as Winograd (transformed weights held)
+    winograd: int = 0      # UNet levels whose convolutions run as Winograd (transformed weights held): 0, 1 or 2
 
 
-def _levers(config: ModelConfig, winograd: bool = False) -> list[Levers]:
+def _levers(config: ModelConfig, winograd: int = 0) -> list[Levers]:
     """The load-time ladder, cheapest in speed first (the module docstring)."""
     text = tuple(c for c in TEXT if getattr(config, c) is not None)
     plain = [Levers(1, (), False), Levers(2, text, False), Levers(3, (*text, "vae"), False),
              Levers(4, (*text, "vae"), True), Levers(5, (*text, "vae", "unet"), True)]
     if not winograd:
         return plain
-    return [dataclasses.replace(lv, winograd=True) for lv in plain[:3]] + plain[2:]
+    return ([dataclasses.replace(lv, winograd=winograd) for lv in plain[:3]]
+            + [dataclasses.replace(plain[2], winograd=levels) for levels in range(winograd - 1, 0, -1)] + plain[2:])
 
 
 class MemoryPlanner:
     """Makes a pipeline's MemoryPlans (see the module docstring). mode: "fast" | "balanced" | "low"; budget:
     bytes (or "3GB") above the post-import RSS that a request may reach; compute: the dtype the models compute
-    in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any; winograd: whether the
-    pipeline would run the UNet's full-resolution convolutions as Winograd (the machine's tuning measured it
-    faster; a plan may still give it up)."""
+    in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any; winograd: how many
+    levels of the UNet's convolutions the pipeline would run as Winograd (the machine's tuning measured it
+    faster: 1 the full resolution, 2 the half too, where its transforms fit beside weights in `compute`,
+    runtime/winograd_conv.py; a plan may still give them up)."""
 
     def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
                  compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
                  device: torch.device | str = "cpu", machine_bytes: int | None = None,
-                 facts: ModelFacts | None = None, winograd: bool = False):
+                 facts: ModelFacts | None = None, winograd: int = 0):
         mode = mode or "balanced"
         if mode not in MODES:
             raise SettingError(f"unknown memory mode {mode!r}; use one of: {', '.join(MODES)}")
@@ -287,7 +301,10 @@ class MemoryPlanner:
         self.attention, self.device = attention, torch.device(device)
         self.machine_bytes = machine_bytes if machine_bytes is not None else _machine_memory(self.device)
         self.facts = facts or model_facts(config)
-        self.winograd = winograd and quant is None and self.facts.winograd_weights > 0
+        f = self.facts
+        weights, itemsize = f.matrix["unet"] + f.rest["unet"], torch.empty((), dtype=compute).element_size()
+        half = f.winograd_weights_half > 0 and fits_next_level(weights, itemsize, f.winograd_bytes(2))
+        self.winograd = 0 if quant is not None or not f.winograd_weights else min(winograd, 2 if half else 1)
         self._decode_cache: dict[tuple, int] = {}   # meta-device traces of the VAE decode, per size
         w, h = config.default_size, config.default_size
         self.levers = self._choose_levers(w, h)
@@ -371,13 +388,13 @@ class MemoryPlanner:
             yield batch, TILE, TILE_BUDGET
 
     @property
-    def uses_winograd(self) -> bool:
-        """Whether the load-time plan keeps the UNet's full-resolution convolutions as Winograd."""
+    def winograd_levels(self) -> int:
+        """How many levels of the UNet's convolutions the load-time plan keeps as Winograd (0-2)."""
         return self.levers.winograd
 
     def _weights(self, lv: Levers, components) -> int:
         storage = self.storage(lv)
-        winograd = 4 * 4 * self.facts.winograd_weights if lv.winograd and "unet" in components else 0  # fp32 U
+        winograd = self.facts.winograd_bytes(lv.winograd) if "unet" in components else 0
         return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage) + winograd
 
     def _overhead(self, tensors: int, component: str, lv: Levers) -> int:
@@ -405,8 +422,8 @@ class MemoryPlanner:
         itemsize = torch.empty((), dtype=self.compute).element_size()
         unet_tensors = int(f.unet_per_row_pixel * rows * h * w * itemsize / 4)
         if lv.winograd:   # a Winograd layer's V and M (fp32) beside its output, which the trace counts
-            tiles = rows * -(-h // 4) * -(-w // 4)
-            unet_tensors += 36 * tiles * self.facts.winograd_channels * 4
+            unet_tensors += 36 * 4 * rows * max(-(-h // 4) * -(-w // 4) * f.winograd_channels,
+                                                -(-h // 8) * -(-w // 8) * f.winograd_channels_half * (lv.winograd > 1))
         attention = "fused (no N×N scores)"
         if self.attention == "reference":
             scores = rows * f.unet_attention_heads * (h * w) ** 2 * itemsize
@@ -440,7 +457,7 @@ class MemoryPlanner:
                           storage=tuple(self.storage(lv).items()), attention=attention, unet_batch=batch,
                           vae_tile=tile, vae_tile_budget=tile_budget, peaks=tuple(peaks.items()), width=width,
                           height=height, n=n, guided=guided,
-                          winograd=4 * 4 * f.winograd_weights if lv.winograd else 0)
+                          winograd=f.winograd_bytes(lv.winograd), winograd_levels=lv.winograd)
 
 
 def _machine_memory(device: torch.device) -> int:

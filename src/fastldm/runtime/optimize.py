@@ -8,7 +8,8 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
   more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
 - the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; in fp32 2.4-3.0×
   faster per layer than packed oneDNN on an AVX2 EPYC, against native bf16 1.1-1.4× on an AVX-512 one; +253 MiB
-  for SD 1.5), where the weights are fp32 or bf16 and it measured faster here;
+  for SD 1.5), where the weights are fp32 or bf16 and it measured faster here, and in a bf16 model the
+  half-resolution ones too where that measured faster (+0.93 GiB for SD 1.5: a 512² call 1.05× faster);
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
@@ -24,7 +25,7 @@ from ..ops import winograd_cpu
 from .prepack import KINDS, prepack
 from .prepack import unsupported as unpackable
 from .quant import quantize_int8
-from .winograd_conv import full_resolution_convs, use_winograd
+from .winograd_conv import level_convs, use_winograd
 
 QUANT_MODES = (None, "int8")
 
@@ -41,8 +42,9 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
     loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
-    of "conv", "linear" and "winograd" (the full-resolution convolutions, transformed for Winograd instead of
-    packed for oneDNN); the caller passes none where the weights are stored in 16 bits and widened per call,
+    of "conv", "linear", "winograd" (the full-resolution convolutions, transformed for Winograd instead of
+    packed for oneDNN) and "winograd2" (with "winograd": the half-resolution ones too, where their transforms
+    fit, runtime/winograd_conv.py); the caller passes none where the weights are stored in 16 bits and widened per call,
     and only the kinds the machine's tuning measured faster."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
@@ -59,22 +61,31 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
     elif device.type == "cpu" and "unet" in modules:
         kinds = packable(modules["unet"], pack)
         if "winograd" in kinds:
-            use_winograd(modules["unet"])  # before prepack: these layers are no longer nn.Conv2d
-        prepack(modules["unet"], kinds - {"winograd"})
+            use_winograd(modules["unet"], "winograd2" in kinds)  # before prepack: these layers are no longer nn.Conv2d
+        prepack(modules["unet"], kinds - {"winograd", "winograd2"})
     return modules
+
+
+def winograd_wanted(kinds: frozenset[str], device: torch.device, dtype: torch.dtype) -> int:
+    """How many levels of a UNet's convolutions `optimize(pack=kinds)` runs as Winograd on `device` for weights in
+    `dtype`, before the memory rule of the second (winograd_conv.fits_next_level): 0, 1 or 2. What a memory plan
+    is asked to count (runtime/memory_plan.py)."""
+    if "winograd" not in kinds or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    return 1 + ("winograd2" in kinds)
 
 
 def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
     """Which of `kinds` `unet` has layers of that can be prepacked: float weights oneDNN packs on this CPU, not
     already packed or quantized; for "winograd", fp32 or bf16 full-resolution convolutions and a built C++
-    kernel."""
+    kernel ("winograd2" with it)."""
     found = set()
     if "winograd" in kinds:
-        names = full_resolution_convs(unet) if hasattr(unet, "up_blocks") else []
+        names = level_convs(unet, 0) if hasattr(unet, "up_blocks") else []
         w = unet.get_submodule(names[0]).weight if names else None
         if (w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and winograd_cpu.unavailable() is None):
-            found.add("winograd")
+            found |= {"winograd"} | ({"winograd2"} & kinds)
     for kind, cls in (("conv", nn.Conv2d), ("linear", nn.Linear)):
         w = next((m.weight for m in unet.modules() if isinstance(m, cls)), None) if kind in kinds else None
         if w is not None and w.device.type == "cpu" and unpackable(w.dtype, kind) is None:

@@ -24,6 +24,9 @@ candidates that matter on the model's real shapes, for a few seconds:
                 with C++ transforms and fp32 GEMMs (runtime/winograd_conv.py): 2.2-2.5× in fp32 on an AVX2
                 EPYC, 1.1-1.2× against native bf16 on an AVX-512 bf16 EPYC; a CPU with faster direct
                 convolutions may rank them the other way
+    winograd2   the same at the second level (half the resolution, its channels: up to a 32² latent), where
+                the first measured faster and the dtype is 16-bit (only there do its transforms fit,
+                runtime/winograd_conv.py): 1.16-1.45× per layer against native bf16 at SD 1.5's 512²
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
 CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
@@ -48,7 +51,7 @@ from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
 from .winograd_conv import WinogradConv2d
 
-FORMAT = "fastldm-tuning-5"
+FORMAT = "fastldm-tuning-6"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -60,6 +63,7 @@ class RuntimeChoice:
     pack: str = "unavailable: not measured"      # packed conv weights: "faster" | "slower" | "unavailable: <why>"
     pack_linear: str = "unavailable: not measured"   # packed small-row linear weights: the same
     winograd: str = "unavailable: not measured"  # full-resolution convs as Winograd rather than packed: the same
+    winograd2: str = "unavailable: not measured"  # half-resolution convs as Winograd too: the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -75,12 +79,13 @@ class RuntimeChoice:
     def packed_kinds(self) -> frozenset[str]:
         """The kinds of UNet layer (runtime/prepack.py) whose weights measured faster packed."""
         return frozenset(k for k, v in (("conv", self.pack), ("linear", self.pack_linear),
-                                        ("winograd", self.winograd)) if v == "faster")
+                                        ("winograd", self.winograd), ("winograd2", self.winograd2)) if v == "faster")
 
     def __str__(self) -> str:
         packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
         return (f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
-                + ("; Winograd full-resolution convs" if "winograd" in self.packed_kinds else ""))
+                + ("" if "winograd" not in self.packed_kinds else "; Winograd full-resolution convs"
+                   if "winograd2" not in self.packed_kinds else "; Winograd full- and half-resolution convs"))
 
 
 def cache_dir() -> Path:
@@ -105,7 +110,8 @@ def _shapes(config: ModelConfig) -> dict:
             "attention": (tokens, width // u.attention_heads[first]),
             "deep conv": (u.block_out_channels[deepest], max(1, latent // 2 ** deepest)),
             "deep linear": (min(2 * deep_tokens, MAX_ROWS), u.block_out_channels[deepest]),
-            "full conv": (u.block_out_channels[0], min(latent, 64))}
+            "full conv": (u.block_out_channels[0], min(latent, 64)),
+            "half conv": (u.block_out_channels[min(1, deepest)], max(1, min(latent // 2, 32)))}
 
 
 def _key(config: ModelConfig) -> str:
@@ -115,18 +121,24 @@ def _key(config: ModelConfig) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def cached(config: ModelConfig) -> RuntimeChoice | None:
+    """The CPU defaults measured for `config` on this machine earlier, or None (not measured, or a damaged entry)."""
+    key = _key(config)
+    try:
+        data = json.loads((cache_dir() / f"{key}.json").read_text())
+        return RuntimeChoice(**data) if data.pop("format", None) == FORMAT else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def choose(config: ModelConfig, *, repeats: int = 2) -> RuntimeChoice:
     """The measured CPU defaults for `config` on this machine, from the cache or measured now (seconds)."""
+    choice = cached(config)
+    if choice is not None:
+        return choice
     key = _key(config)
     path = cache_dir() / f"{key}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data.pop("format", None) == FORMAT:
-                return RuntimeChoice(**data)
-        except (OSError, ValueError, TypeError):
-            pass   # a damaged cache entry is measured again and rewritten
-    choice = measure(config, key, repeats)
+    choice = measure(config, key, repeats)   # not cached, or a damaged entry: measured and (re)written
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps({"format": FORMAT, **asdict(choice)}, indent=1).encode())
@@ -160,8 +172,16 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
     # Winograd's margin in bf16 is only ~1.2x: with two timed calls it once measured 1 % slower (33.5 against
     # 33.3 ms) on the AVX-512 box where it makes a whole 512² UNet call 7 % faster; five calls each settle it.
     wino = _winograd(shapes["full conv"], dtype, ms, max(repeats, 5), g)
+    if wino != "faster":
+        wino2 = "unavailable: " + ("Winograd measured slower at full resolution" if wino == "slower"
+                                   else wino.removeprefix("unavailable: "))
+    elif dtype == torch.float32 or len(config.unet.block_out_channels) < 2:
+        wino2 = ("unavailable: " + ("the model has one level" if dtype != torch.float32 else
+                                    "an fp32 model's weights leave no room for more transformed ones"))
+    else:
+        wino2 = _winograd(shapes["half conv"], dtype, ms, max(repeats, 5), g)
     return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear, wino,
-                         {k: round(v, 3) for k, v in ms.items()}, key)
+                         wino2, {k: round(v, 3) for k, v in ms.items()}, key)
 
 
 def _fastest_attention(shape, dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
@@ -272,10 +292,18 @@ def linear_weights(choice: RuntimeChoice) -> str:
 
 def full_resolution_convs(choice: RuntimeChoice) -> str:
     """How a float UNet's full-resolution 3×3 convolutions run on this CPU under `choice`."""
-    if choice.winograd == "faster":
-        return "Winograd F(4x4, 3x3), weights transformed at load (measured faster here)"
-    why = "Winograd measured slower here" if choice.winograd == "slower" else choice.winograd.removeprefix(
-        "unavailable: ")
+    return _winograd_verdict(choice.winograd, "")
+
+
+def half_resolution_convs(choice: RuntimeChoice) -> str:
+    """How a float UNet's half-resolution 3×3 convolutions run on this CPU under `choice`."""
+    return _winograd_verdict(choice.winograd2, ", in a 16-bit model whose weights leave room for them")
+
+
+def _winograd_verdict(verdict: str, where: str) -> str:
+    if verdict == "faster":
+        return f"Winograd F(4x4, 3x3), weights transformed at load (measured faster here{where})"
+    why = "Winograd measured slower here" if verdict == "slower" else verdict.removeprefix("unavailable: ")
     return f"as the other convolutions ({why})"
 
 
@@ -295,7 +323,7 @@ def describe(choice: RuntimeChoice) -> str:
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
              f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}",
-             f"full-res convs:  {full_resolution_convs(choice)}"]
+             f"full-res convs:  {full_resolution_convs(choice)}", f"half-res convs:  {half_resolution_convs(choice)}"]
     width = max(map(len, choice.ms), default=0)
     lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")

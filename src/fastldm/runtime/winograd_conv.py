@@ -4,13 +4,21 @@ Winograd's batched GEMM does 4× fewer multiplies than a direct convolution; wit
 convolution at SD 1.5's full latent resolution runs 2.4-3.0× faster than oneDNN's packed direct one (fp32,
 2 threads of an AVX2 EPYC; docs/benchmarks.md, "Winograd convolution in C++"), and 1.1-1.4× faster than a
 native bf16 one on an AVX-512 bf16 EPYC (bf16 images in and out, its GEMMs still fp32). Its price is memory: the
-transformed weights are 4× the 3×3 weights, held beside the plain ones (which the state dict, exports and a
-fallback read). Which layers pay the most per byte is a matter of resolution: a layer's saving grows with the
-pixels it convolves and its cost with its weight, and each level down the UNet has 4× fewer pixels and up to
-4× more weight per layer. So only the layers at the latent's full resolution take it — the first down block's
-resnets, the last up block's and the upsampler that feeds it: 1.9 % of SD 1.5's weights (+253 MiB of
-transformed ones, fp32 in a bf16 model too), for about 30 % of its convolution time at 256² (16 % of a fp32
-UNet call). The next level would add 0.73 GB for less again; the deeper ones several GB.
+transformed weights are 4× the 3×3 weights in fp32 (16 bytes per weight element, in a bf16 model too), held
+beside the plain ones (which the state dict, exports and a fallback read). Which layers pay the most per byte
+is a matter of resolution: a layer's saving grows with the pixels it convolves and its cost with its weight,
+and each level down the UNet has 4× fewer pixels and up to 4× more weight per layer. So:
+
+- level 0, the latent's full resolution (the first down block's resnets, the last up block's and the
+  upsampler that feeds it), wherever the machine's tuning measured Winograd faster there: 1.9 % of SD 1.5's
+  weights (+253 MiB), for about 30 % of its convolution time at 256² (16 % of a fp32 UNet call);
+- level 1, half the resolution, where tuning measured it faster too *and* its transforms fit: the UNet's
+  weights plus every transformed weight within what the same weights take in fp32 (`fits_next_level`). That
+  is a 16-bit model only (SD 1.5 in bf16: 1.60 GiB of weights + 0.25 + 0.93 GiB of transforms, against
+  3.2 GiB in fp32), where it makes a 512² UNet call 1.05× faster on the AVX-512 box (4.32 → 4.12 s) and
+  leaves a 256² one as it was; an fp32 model, whose peak RSS the transforms would lift above diffusers', keeps
+  level 0 only;
+- the deeper levels would take several GB for less again: never.
 
 The arithmetic is fp32 in a bf16 model too (bf16 transforms or GEMMs cost ~10 % of max|y|, ops/winograd.py):
 there the layer rounds only its output to bf16, as a bf16 direct convolution does (measured: the same error
@@ -76,21 +84,53 @@ def eligible(conv: nn.Module) -> bool:
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS)
 
 
-def full_resolution_convs(unet: nn.Module) -> list[str]:
-    """Names of the 3×3 convolutions of a UNet2DConditionModel (models/unet.py) that run at the latent's full
-    resolution, less those too narrow to pay (MIN_CHANNELS): the first down block's and the last up block's,
-    and the conv of the upsampler that feeds the last up block (it runs after the upsampling)."""
-    prefixes = ["down_blocks.0.", f"up_blocks.{len(unet.up_blocks) - 1}."]
-    if len(unet.up_blocks) > 1:
-        prefixes.append(f"up_blocks.{len(unet.up_blocks) - 2}.upsamplers.")
-    return [name for name, m in unet.named_modules()
-            if name.startswith(tuple(prefixes)) and eligible(m)]  # (a downsampler's stride 2 is not)
+def level_convs(unet: nn.Module, level: int) -> list[str]:
+    """Names of the 3×3 convolutions of a UNet2DConditionModel (models/unet.py) that run at 1/2**level of the
+    latent's resolution, less those too narrow to pay (MIN_CHANNELS)."""
+    return [name for name, m in unet.named_modules() if _at_level(unet, name, level) and eligible(m)]
 
 
-def use_winograd(unet: nn.Module) -> int:
+def _at_level(unet: nn.Module, name: str, level: int) -> bool:
+    """Whether the layer `name` of `unet` runs at 1/2**level of the latent's resolution: it is in down block
+    `level` (whose downsampler, stride 2, no rule here admits), in the matching up block but not its upsampler
+    (which runs a level up, after upsampling), or in the upsampler of the up block before (which feeds it)."""
+    up = len(unet.up_blocks) - 1 - level
+    if up < 0 or level >= len(unet.down_blocks):
+        return False
+    if name.startswith(f"up_blocks.{up}."):
+        return not name.startswith(f"up_blocks.{up}.upsamplers.")
+    return name.startswith(f"down_blocks.{level}.") or (up > 0 and name.startswith(f"up_blocks.{up - 1}.upsamplers."))
+
+
+def transformed_bytes(weight_elements: int) -> int:
+    """Bytes of the transformed weights of 3×3 convolutions with `weight_elements` weight elements: 36/9 fp32."""
+    return 4 * 4 * weight_elements
+
+
+def fits_next_level(weights: int, itemsize: int, transformed: int) -> bool:
+    """Whether a UNet of `weights` parameter elements held `itemsize` bytes each may hold `transformed` bytes of
+    Winograd transforms for levels 0 and 1: all within the bytes its weights take in fp32."""
+    return weights * itemsize + transformed <= 4 * weights
+
+
+def winograd_levels(unet: nn.Module) -> int:
+    """How many levels of `unet` run as Winograd: 0, 1 (the full resolution) or 2 (and half of it)."""
+    swapped = [name for name, m in unet.named_modules() if isinstance(m, WinogradConv2d)]
+    return 0 if not swapped else 2 if any(_at_level(unet, name, 1) for name in swapped) else 1
+
+
+def use_winograd(unet: nn.Module, next_level: bool = False) -> int:
     """Swap, in place, the full-resolution convolutions of `unet` for WinogradConv2d layers holding the same
-    weight tensors; returns how many. The caller checks `winograd_cpu.unavailable()` and the dtype first."""
-    names = full_resolution_convs(unet)
+    weight tensors, and with `next_level` (measured faster there) the half-resolution ones too where
+    `fits_next_level`; returns how many. The caller checks `winograd_cpu.unavailable()` and the dtype first."""
+    names = level_convs(unet, 0)
+    if next_level:
+        more = level_convs(unet, 1)
+        weights = sum(p.numel() for p in unet.parameters())
+        elements = sum(unet.get_submodule(n).weight.numel() for n in names + more)
+        if more and fits_next_level(weights, unet.get_submodule(more[0]).weight.element_size(),
+                                    transformed_bytes(elements)):
+            names += more
     for name in names:  # names only: a list of modules would keep the plain layers alive
         parent, _, attr = name.rpartition(".")
         setattr(unet.get_submodule(parent), attr, WinogradConv2d(unet.get_submodule(name)))
