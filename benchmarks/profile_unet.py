@@ -1,10 +1,12 @@
 """Where one SD 1.5 UNet call's time goes on this CPU: torch.profiler over a call, grouped by op.
 
-    python benchmarks/profile_unet.py [--latent 64] [--threads 2] [--calls 2] [--rows 20] [--json out.json]
+    python benchmarks/profile_unet.py [--latent 64] [--threads 2] [--calls 2] [--rows 20] [--quant int8]
+                                      [--json out.json]
 
 The UNet as `fastldm.load` runs it here: random full-size SD 1.5 weights in the dtype the machine's tuning
 chose (runtime/tuning.py), optimised the same way (channels_last, packed weights, Winograd where measured
-faster) under the tuned kernel preferences, batch 2 (CFG), a 77-token context. One warm-up call (packs
+faster) under the tuned kernel preferences, batch 2 (CFG), a 77-token context; with `--quant int8` as
+`fastldm.load(quant="int8")` runs it (int8 convolutions and linears, the rest in the tuned dtype). One warm-up call (packs
 weights per shape), then `--calls` profiled calls; the table gives each op's self CPU time per call, its
 share of the call, and the commonest input shapes of the heaviest ops. Self time: an op's time minus that of
 the ops it calls, so the rows add up to the call.
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--quant", default=None, choices=["int8"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     configure_process(args.threads)
@@ -40,12 +43,12 @@ def main() -> None:
     choice = choose(config)
     dtype = choice.torch_dtype
     unet = optimize({"unet": random_unet(config.unet, dtype=dtype)}, torch.device("cpu"),
-                    pack=choice.packed_kinds)["unet"]
+                    pack=choice.packed_kinds, quant=args.quant, dtype=dtype)["unet"]
     inputs = {k: v.to(dtype) if v.is_floating_point() else v
               for k, v in unet_inputs(config.unet, args.latent, "cpu", dtype).items()}
     info = cpu_info()
     print(f"{platform.processor() or info.name} ({info.name}); avx512_bf16: {info.bf16}; threads {args.threads}; "
-          f"torch {torch.__version__}\nchoice: {choice}\n")
+          f"torch {torch.__version__}\nchoice: {choice}" + (f"; quant {args.quant}" if args.quant else "") + "\n")
     with torch.inference_mode(), ops.registry.prefer(choice.preferred()):
         unet(**inputs)
         t0 = time.perf_counter()
@@ -73,7 +76,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": info.name, "bf16": info.bf16, "threads": args.threads, "torch": torch.__version__,
-                       "latent": args.latent, "dtype": str(dtype), "choice": choice.__dict__, "wall_s": wall,
+                       "latent": args.latent, "dtype": str(dtype), "quant": args.quant, "choice": choice.__dict__,
+                       "wall_s": wall,
                        "rows": rows}, f, indent=1)
 
 

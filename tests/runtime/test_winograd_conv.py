@@ -12,7 +12,7 @@ from torch import nn
 import fastldm
 from fastldm.families import PRESETS
 from fastldm.models import UNet2DConditionModel
-from fastldm.ops import winograd_cpu
+from fastldm.ops import winograd, winograd_cpu
 from fastldm.runtime import optimize
 from fastldm.runtime.prepack import PackedConv2d
 from fastldm.runtime.winograd_conv import (WinogradConv2d, fits_next_level, level_convs, transformed_bytes,
@@ -87,6 +87,17 @@ def test_the_half_resolution_convs_join_only_where_their_transforms_fit():
         err = (unet(x.bfloat16(), t, c.bfloat16()).float() - want).abs().max()
         plain = (ref(x.bfloat16(), t, c.bfloat16()).float() - want).abs().max()
     assert err <= 2 * plain + 1e-3 * want.abs().max()   # as close to fp32 as the plain bf16 UNet (rounding only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_transform_is_made_in_chunks_in_fp32_as_the_fp64_one(dtype):
+    # 150 output channels: two whole chunks of TRANSFORM_CHUNK and a partial one; a channels_last weight as in a UNet
+    conv = nn.Conv2d(48, 150, 3, padding=1).requires_grad_(False).to(dtype).to(memory_format=torch.channels_last)
+    u = WinogradConv2d(conv).u
+    ref = winograd.transform_weight(conv.weight, torch.float64).transpose(1, 2)  # (36, C, K)
+    assert u.dtype == torch.float32 and u.shape == (36, 48, 150) and u.is_contiguous()
+    # fp32 sums of 9 products by G's entries (1/4 .. 1/24): a few fp32 roundings of max|U|
+    assert (u.double() - ref).abs().max() <= 3e-7 * ref.abs().max()
 
 
 def test_new_weights_are_transformed_again():
