@@ -2,7 +2,8 @@
 lets oneDNN reorder the weight at every call: each SD 1.5 UNet convolution shape alone, then whole UNet calls;
 and the same for linears at few rows (`--pack conv,linear --against conv`: what packing linears adds) and for
 the full-resolution convolutions as Winograd layers (`--pack conv,linear,winograd --against conv,linear`;
-runtime/winograd_conv.py).
+runtime/winograd_conv.py), and the half-resolution ones too (`--pack conv,linear,winograd,winograd2 --against
+conv,linear,winograd`: in a 16-bit UNet, where their transforms fit).
 
     python benchmarks/prepacked_conv.py [--sizes 256,512] [--rounds 5] [--threads 2] [--pack conv,linear]
                                         [--against KINDS] [--dtype fp32|bf16] [--json out.json]
@@ -83,7 +84,8 @@ def layer_table(shapes: Counter, dtype: torch.dtype, batch: int = 2) -> list[dic
 
 def pack_unet(unet: nn.Module, kinds: frozenset[str]) -> int:
     """Pack `kinds` of layer as `fastldm.load` does (Winograd layers first: they are convolutions no longer)."""
-    return (use_winograd(unet) if "winograd" in kinds else 0) + prepack(unet, kinds - {"winograd"})
+    return ((use_winograd(unet, "winograd2" in kinds) if "winograd" in kinds else 0)
+            + prepack(unet, kinds - {"winograd", "winograd2"}))
 
 
 def unet_ab(latent: int, rounds: int, pack: frozenset[str], against: frozenset[str], dtype: torch.dtype) -> dict:
