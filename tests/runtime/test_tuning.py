@@ -221,3 +221,19 @@ def test_info_runtime(tmp_path):
     assert res.exit_code == 0, res.output
     assert "family:          ldm3d-4c" in res.output and "attention:" in res.output and "threads:         1" \
         in res.output and "conv weights:" in res.output and "full-res convs:" in res.output
+    assert "half-res convs:" in res.output
+
+
+def test_info_plans_with_the_cached_choice(monkeypatch):
+    """`fastldm info` shows the plan `fastldm.load` makes: with the dtype and Winograd layers the machine's tuning
+    chose when one is cached (nothing is measured without --runtime), else the untuned defaults."""
+    path = str(fastldm.default_model())
+    monkeypatch.setattr(tuning, "measure", lambda *a, **k: pytest.fail("info without --runtime measured"))
+    plain = CliRunner().invoke(main, ["info", path])
+    assert plain.exit_code == 0, plain.output
+    assert "Winograd:      none" in plain.output and "weights:       text_encoder fp32" in plain.output
+    choice = tuning.RuntimeChoice("fp32", "reference", "slower", winograd="faster", winograd2="faster")
+    monkeypatch.setattr(tuning, "cached", lambda config: choice)
+    res = CliRunner().invoke(main, ["info", path])
+    # fp32 weights leave no room for the half-resolution transforms: the full-resolution ones only
+    assert "Winograd:      full-resolution convs" in res.output, res.output
