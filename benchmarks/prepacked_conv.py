@@ -41,7 +41,7 @@ from fastldm.runtime.device import configure_process, cpu_info
 from fastldm.runtime.optimize import layout
 from fastldm.runtime.prepack import PackedConv2d, prepack
 from fastldm.runtime.tuning import choose
-from fastldm.runtime.winograd_conv import use_winograd
+from fastldm.runtime.winograd_conv import depth, use_winograd
 
 
 def conv_shapes(unet: nn.Module, inputs: dict) -> Counter:
@@ -84,7 +84,7 @@ def layer_table(shapes: Counter, dtype: torch.dtype, batch: int = 2) -> list[dic
 
 def pack_unet(unet: nn.Module, kinds: frozenset[str]) -> int:
     """Pack `kinds` of layer as `fastldm.load` does (Winograd layers first: they are convolutions no longer)."""
-    return ((use_winograd(unet, "winograd2" in kinds) if "winograd" in kinds else 0)
+    return ((use_winograd(unet, depth(unet) if "winograd2" in kinds else 1) if "winograd" in kinds else 0)
             + prepack(unet, kinds - {"winograd", "winograd2"}))
 
 

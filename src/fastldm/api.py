@@ -63,9 +63,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     backends: {op: backend} forced for this pipeline only (see `fastldm.ops.backends(op)`), e.g.
     {"attention": "reference"}; on a CPU the UNet's convolutions, and its linears at few rows, run with
     oneDNN-packed weights (runtime/prepack.py) unless tuning measured packing slower (or, for convolutions, a
-    conv2d backend is forced), and its full-resolution convolutions as Winograd F(4×4, 3×3) where tuning measured
-    that faster (fp32 or bf16; in a bf16 model the half-resolution ones too where measured faster there;
-    runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
+    conv2d backend is forced), and its full-resolution convolutions as Winograd where tuning measured that faster
+    (F(4×4, 3×3) in fp32, F(2×2, 3×3) in bf16; in a bf16 model the deeper levels too, as far as their transforms
+    fit, where measured faster there; runtime/winograd_conv.py). tune: on a CPU with no dtype given, pick the dtype, the
     attention kernel, whether to pack convolution and linear weights and whether to run Winograd by
     measuring them on this model's shapes the first time (seconds; cached on disk, runtime/tuning.py);
     `pipe.runtime_choice` says what was chosen.
@@ -106,8 +106,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         compute = dtype or default_dtype(device, config)
         planner = MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
                                 attention=kernels.forced.get("attention"), device=device,
-                                winograd=winograd_wanted(packed_kinds, device, compute))
-        packed_kinds -= ({"winograd", "winograd2"}, {"winograd2"}, set())[planner.winograd_levels]
+                                winograd=winograd_wanted(packed_kinds, device, compute,
+                                                         len(config.unet.block_out_channels)))
+        packed_kinds -= {"winograd", "winograd2"} if not planner.winograd_levels else set()
     staged, storage = (planner.staged, planner.storage_dtypes()) if planner is not None else ((), {})
     graphs = cuda_graphs_wanted(cuda_graphs, device, bool(compile), "unet" in staged)  # refuses before reading
     optimize({}, device, quant=quant)   # checks the setting before anything is read
@@ -125,7 +126,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         """Loaded components as they run: layout, int8 or packed convolutions (runtime/optimize.py), 16-bit
         widening."""
         optimize(found, device, quant=None if while_reading else quant, dtype=compute,
-                 pack=frozenset() if while_reading or "unet" in storage else packed_kinds)
+                 pack=frozenset() if while_reading or "unet" in storage else packed_kinds,
+                 winograd_levels=None if planner is None else planner.winograd_levels)
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

@@ -523,7 +523,8 @@ def info(path, allow_pickle, runtime, threads, memory, memory_budget, quant) -> 
     if config is not None:
         cpu = torch.device("cpu")
         compute = default_dtype(cpu, config) if choice is None else choice.torch_dtype
-        wino = 0 if choice is None else winograd_wanted(choice.packed_kinds, cpu, compute)
+        wino = 0 if choice is None else winograd_wanted(choice.packed_kinds, cpu, compute,
+                                                        len(config.unet.block_out_channels))
         click.echo(MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
                                  winograd=wino).plan.describe())
     if runtime:

@@ -97,9 +97,9 @@ def test_winograd_is_given_up_after_staging_and_before_16_bit_weights(planner):
     transformed weights: 4× SD 1.5's 63 MiB of full-resolution 3×3 weights, in fp32) through level 3, then drop
     them before widening 16-bit weights; "low" and int8 never hold them."""
     facts = model_facts(PRESETS["sd1"])
-    assert facts.winograd_channels == 960 + 320 and 250 * MiB < 16 * facts.winograd_weights < 256 * MiB
+    assert facts.winograd_channels[0] == 960 + 320 and 250 * MiB < 16 * facts.winograd_weights[0] < 256 * MiB
     plain, wino = planner().plan, planner(winograd=1).plan
-    assert (plain.winograd, wino.winograd) == (0, 16 * facts.winograd_weights) and wino.level == 1
+    assert (plain.winograd, wino.winograd) == (0, 16 * facts.winograd_weights[0]) and wino.level == 1
     # the denoise peak grows by the transformed weights and one layer's V and M (36 · 512 tiles · 1,280 · 4 B)
     grown = dict(wino.peaks)["denoise"] - dict(plain.peaks)["denoise"]
     assert grown >= wino.winograd + 36 * 512 * 1280 * 4 and "Winograd" in wino.describe()
@@ -123,24 +123,27 @@ def test_winograd_is_given_up_after_staging_and_before_16_bit_weights(planner):
     assert not planner(quant="int8", winograd=1).winograd_levels
 
 
-def test_winograd_at_half_resolution_fits_beside_16_bit_weights_only(planner):
-    """Where tuning measured the half-resolution convolutions faster too, a bf16 SD 1.5 holds their transforms
-    (0.93 GiB more: its weights and every transform stay within its fp32 weights' 3.2 GiB); an fp32 one keeps
-    only the full-resolution ones. Budgets give up the half-resolution ones first, at level 3."""
+def test_winograd_at_deeper_levels_fits_beside_16_bit_weights_only(planner):
+    """Where tuning measured the deeper convolutions faster too, a bf16 SD 1.5 holds F(2×2)'s bf16 transforms
+    (16/9 of a bf16 weight) for its first three levels of four (0.90 GiB: its weights and every transform stay
+    within its fp32 weights' 3.2 GiB; the fourth would take 1.73 GiB); an fp32 one keeps only the
+    full-resolution ones (F(4×4), fp32). Budgets give up the deepest first, at level 3."""
     facts = model_facts(PRESETS["sd1"])
-    assert facts.winograd_channels_half == 1920 + 640 and 0.9 * GiB < 16 * facts.winograd_weights_half < 0.95 * GiB
-    assert planner(winograd=2).winograd_levels == 1                             # fp32
-    one, two = (planner(compute=torch.bfloat16, winograd=n) for n in (1, 2))
-    assert two.winograd_levels == 2 and two.plan.winograd == 16 * (facts.winograd_weights + facts.winograd_weights_half)
-    assert dict(two.plan.peaks)["denoise"] - dict(one.plan.peaks)["denoise"] >= 16 * facts.winograd_weights_half
-    assert "full- and half-resolution convs" in two.plan.describe()
+    assert facts.winograd_channels[1] == 1920 + 640 and len(facts.winograd_weights) == 4
+    assert planner(winograd=4).winograd_levels == 1                             # fp32
+    one, three = (planner(compute=torch.bfloat16, winograd=n) for n in (1, 4))
+    assert three.winograd_levels == 3 and three.plan.winograd == 32 * sum(facts.winograd_weights[:3]) // 9
+    assert 0.89 * GiB < three.plan.winograd < 0.91 * GiB and one.plan.winograd == 32 * facts.winograd_weights[0] // 9
+    # the denoise peak grows by the deeper transforms (the V and M buffers are the full-resolution layer's)
+    assert dict(three.plan.peaks)["denoise"] - dict(one.plan.peaks)["denoise"] >= three.plan.winograd - one.plan.winograd
+    assert "the first 3 levels' convs" in three.plan.describe()
     walk = []
-    for budget in range(int(two.plan.peak) + 64 * MiB, 2 * GiB, -64 * MiB):
-        chosen = planner(compute=torch.bfloat16, budget=budget, winograd=2)
+    for budget in range(int(three.plan.peak) + 64 * MiB, 2 * GiB, -64 * MiB):
+        chosen = planner(compute=torch.bfloat16, budget=budget, winograd=4)
         assert chosen.plan.fits()
         walk.append((chosen.plan.level, -chosen.winograd_levels))
-    assert walk == sorted(walk, key=lambda s: (s[1], s[0])) and walk[0] == (1, -2)
-    assert {(2, -2), (3, -1), (3, 0)} <= set(walk)
+    assert walk == sorted(walk, key=lambda s: (s[1], s[0])) and walk[0] == (1, -3)
+    assert {(2, -3), (3, -2), (3, 0)} <= set(walk), walk
 
 
 def test_reference_attention_counts_its_scores(planner):

@@ -107,8 +107,8 @@ def test_linear_packing_is_measured_at_few_rows_and_load_follows_it(monkeypatch,
 
 @pytest.mark.parametrize("winograd_ms,verdict", [(0.4, "faster"), (1.4, "slower")])
 def test_winograd_is_measured_at_full_resolution_in_the_models_dtype(monkeypatch, winograd_ms, verdict):
-    if tuning.winograd_cpu.unavailable() is not None:
-        pytest.skip(tuning.winograd_cpu.unavailable())
+    if tuning.winograd_unavailable(torch.float32) is not None:
+        pytest.skip(tuning.winograd_unavailable(torch.float32))
     _fake_cpu(monkeypatch, {"avx2"})
     calls = _fake_times(monkeypatch, {"conv2d bfloat16": 9.0, "mm bfloat16": 9.0, "WinogradConv2d float32": winograd_ms})
     choice = tuning.measure(PRESETS["sd1"])
@@ -117,7 +117,7 @@ def test_winograd_is_measured_at_full_resolution_in_the_models_dtype(monkeypatch
     assert "WinogradConv2d float32" in calls
     assert ("winograd" in choice.packed_kinds) == (verdict == "faster")
     assert tuning.full_resolution_convs(choice).startswith("Winograd" if verdict == "faster" else "as the other")
-    # Where bf16 is native the model runs bf16: Winograd (bf16 images, fp32 GEMMs) against a bf16 direct conv.
+    # Where bf16 is native the model runs bf16: Winograd F(2×2) in bf16 against a bf16 direct conv.
     _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
     calls = _fake_times(monkeypatch, {"WinogradConv2d bfloat16": winograd_ms})
     choice = tuning.measure(PRESETS["sd1"])
@@ -128,8 +128,8 @@ def test_winograd_is_measured_at_full_resolution_in_the_models_dtype(monkeypatch
 @pytest.mark.parametrize("half_ms,verdict", [(0.4, "faster"), (1.4, "slower")])
 def test_winograd_at_half_resolution_is_measured_in_a_16_bit_model_where_the_first_level_pays(monkeypatch, half_ms,
                                                                                               verdict):
-    if tuning.winograd_cpu.unavailable() is not None:
-        pytest.skip(tuning.winograd_cpu.unavailable())
+    if tuning.winograd_unavailable(torch.float32) is not None:
+        pytest.skip(tuning.winograd_unavailable(torch.float32))
     full_ms = {"full": 0.4}
     shapes = []
 
@@ -147,9 +147,10 @@ def test_winograd_at_half_resolution_is_measured_in_a_16_bit_model_where_the_fir
     assert choice.dtype == "bf16" and choice.winograd == "faster" and choice.winograd2 == verdict
     assert choice.ms["conv 640x32x32 winograd"] == half_ms and (2, 640, 32, 32) in shapes
     assert ("winograd2" in choice.packed_kinds) == (verdict == "faster")
-    assert ("full- and half-resolution" in str(choice)) == (verdict == "faster")
+    assert ("Winograd convs at every level that fits" in str(choice)) == (verdict == "faster")
+    assert ("F(2x2, 3x3) in bf16" in tuning.half_resolution_convs(choice)) == (verdict == "faster")
     assert tuning.half_resolution_convs(choice).startswith("Winograd" if verdict == "faster" else "as the other")
-    assert "half-res convs:" in tuning.describe(choice)
+    assert "deeper convs:" in tuning.describe(choice)
     # An fp32 model (emulated bf16 measured slower): no room for the transforms, so not measured.
     _fake_cpu(monkeypatch, {"avx2"})
     shapes.clear()
@@ -221,7 +222,7 @@ def test_info_runtime(tmp_path):
     assert res.exit_code == 0, res.output
     assert "family:          ldm3d-4c" in res.output and "attention:" in res.output and "threads:         1" \
         in res.output and "conv weights:" in res.output and "full-res convs:" in res.output
-    assert "half-res convs:" in res.output
+    assert "deeper convs:" in res.output
 
 
 def test_info_plans_with_the_cached_choice(monkeypatch):

@@ -14,13 +14,11 @@ The levers, cheapest in speed first (a budget takes the first plan whose predict
                 4. + weights stored in fp16 and widened to fp32 layer by layer (runtime/weight_storage.py;
                    only where the compute dtype is fp32: a per-step cost, see docs/benchmarks.md)
                 5. + the UNet released during the decode (reloaded for the next request's denoise)
-            Where the machine runs the UNet's full-resolution convolutions as Winograd (runtime/winograd_conv.py:
-            their weights transformed, 4× a 3×3 weight, in fp32), levels 1-3 are tried with them first, then
-            level 3 without: per step they save more (~10 % of a step) than a text encoder's or the VAE's
-            reload costs per request, and they are given up before the weights go to 16 bits. Where its
-            half-resolution ones run as Winograd too (a 16-bit model whose weights leave room for them), levels
-            1-3 are tried with both, then level 3 with the full-resolution ones only, then without. "low" runs
-            without them.
+            Where the machine runs the UNet's convolutions as Winograd (runtime/winograd_conv.py: their weights
+            transformed, F(4×4)'s 8× a bf16 3×3 weight in fp32, F(2×2)'s 16/9 of it in bf16), levels 1-3 are
+            tried with all the UNet levels it would run, then level 3 with one level fewer at a time down to
+            none: per step they save more (~10 % of a step) than a text encoder's or the VAE's reload costs per
+            request, and they are given up before the weights go to 16 bits. "low" runs without them.
     per request a. one UNet call per step for the whole batch, untiled VAE
                 b. tiled VAE decode/encode (runtime/tiled_vae.py, exact statistics: the same image)
                 c. sequential CFG (uncond and cond as two calls), then one image per call
@@ -59,7 +57,7 @@ from ..errors import MemoryBudgetError, SettingError
 from ..families import vae_dtype
 from ..files import atomic_write_bytes, cache_root
 from .weight_storage import MAX_WIDEN
-from .winograd_conv import fits_next_level, level_convs, transformed_bytes
+from .winograd_conv import buffer_bytes, level_convs, levels_that_fit, transformed_bytes
 
 MODES = ("fast", "balanced", "low")
 TEXT = ("text_encoder", "text_encoder_2")
@@ -123,7 +121,7 @@ class MemoryPlan:
     n: int
     guided: bool
     winograd: int = 0      # bytes of Winograd's transformed weights held (0: the convolutions run direct)
-    winograd_levels: int = 0  # UNet levels whose 3×3 convolutions run as Winograd: 1 full resolution, 2 and half
+    winograd_levels: int = 0  # UNet levels, from the full resolution down, whose 3×3 convolutions run as Winograd
 
     @property
     def sequential_cfg(self) -> bool:
@@ -144,9 +142,8 @@ class MemoryPlan:
                 f"  staged:        {', '.join(self.staged) or 'none'} (loaded for their stage, released after)",
                 "  weights:       " + ", ".join(f"{c} {d}" for c, d in self.storage),
                 f"  attention:     {self.attention}",
-                "  Winograd:      " + (("full- and half-resolution" if self.winograd_levels > 1 else "full-resolution")
-                                        + f" convs, {_mib(self.winograd)} of transformed weights"
-                                        if self.winograd else "none"),
+                "  Winograd:      " + (_levels(self.winograd_levels) + f" convs, {_mib(self.winograd)} of "
+                                        "transformed weights" if self.winograd else "none"),
                 "  UNet batch:    " + ("whole batch per call" if self.unet_batch is None else
                                         f"at most {self.unet_batch} rows per call"
                                         + (" (sequential CFG)" if self.sequential_cfg else "")),
@@ -171,15 +168,12 @@ class ModelFacts:
     largest: dict[str, int]
     unet_per_row_pixel: float
     unet_attention_heads: int           # heads at the highest resolution (for a forced reference backend)
-    winograd_weights: int = 0           # elements of the UNet's full-resolution 3×3 weights (winograd_conv.py)
-    winograd_channels: int = 0          # the widest of those layers' in + out channels (its V and M buffers)
-    winograd_weights_half: int = 0      # the same at half the resolution (winograd_conv.level_convs(unet, 1))
-    winograd_channels_half: int = 0
+    winograd_weights: tuple[int, ...] = ()   # per UNet level, elements of its Winograd-eligible 3×3 weights
+    winograd_channels: tuple[int, ...] = ()  # per level, the widest such layer's in + out channels (V and M)
 
-    def winograd_bytes(self, levels: int) -> int:
-        """Bytes of the transformed weights of the UNet's first `levels` levels (0-2) of 3×3 convolutions."""
-        return transformed_bytes((self.winograd_weights if levels > 0 else 0)
-                                 + (self.winograd_weights_half if levels > 1 else 0))
+    def winograd_bytes(self, levels: int, dtype: torch.dtype) -> int:
+        """Bytes of the transformed weights of the UNet's first `levels` levels of 3×3 convolutions in `dtype`."""
+        return transformed_bytes(sum(self.winograd_weights[:levels]), dtype)
 
     def weight_bytes(self, component: str, storage: str) -> int:
         m, r = self.matrix[component], self.rest[component]
@@ -194,7 +188,7 @@ class ModelFacts:
         raise ValueError(storage)
 
 
-FACTS_FORMAT = 3   # bump when what ModelFacts holds, or how it is measured, changes
+FACTS_FORMAT = 4   # bump when what ModelFacts holds, or how it is measured, changes
 
 
 def model_facts(config: ModelConfig) -> ModelFacts:
@@ -204,7 +198,8 @@ def model_facts(config: ModelConfig) -> ModelFacts:
     key = json.dumps([FACTS_FORMAT, torch.__version__, dataclasses.asdict(config)], sort_keys=True, default=str)
     path = cache_root() / "facts" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     try:
-        return ModelFacts(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        return ModelFacts(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     except (OSError, ValueError, TypeError):
         pass
     facts = measure_facts(config)
@@ -233,11 +228,11 @@ def measure_facts(config: ModelConfig) -> ModelFacts:
         rest[name] = sum(p.numel() for p in m.parameters()) - matrix[name] + sum(b.numel() for b in m.buffers())
         largest[name] = max(weights)
     per_pixel = _unet_tensor_peak(modules["unet"], config) / 64
-    full, half = ([modules["unet"].get_submodule(n) for n in level_convs(modules["unet"], level)] for level in (0, 1))
-    weights, channels = ([sum(c.weight.numel() for c in convs) for convs in (full, half)],
-                         [max((c.in_channels + c.out_channels for c in convs), default=0) for convs in (full, half)])
-    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]), weights[0], channels[0],
-                      weights[1], channels[1])
+    unet = modules["unet"]
+    levels = [[unet.get_submodule(n) for n in level_convs(unet, level)] for level in range(len(unet.down_blocks))]
+    weights = tuple(sum(c.weight.numel() for c in convs) for convs in levels)
+    channels = tuple(max((c.in_channels + c.out_channels for c in convs), default=0) for convs in levels)
+    return ModelFacts(matrix, rest, largest, per_pixel, int(config.unet.attention_heads[0]), weights, channels)
 
 
 def _unet_tensor_peak(unet: nn.Module, config: ModelConfig) -> int:
@@ -267,7 +262,7 @@ class Levers:
     level: int
     staged: tuple[str, ...]
     widen: bool            # weights stored fp16, widened to the fp32 compute dtype
-    winograd: int = 0      # UNet levels whose convolutions run as Winograd (transformed weights held): 0, 1 or 2
+    winograd: int = 0      # UNet levels whose convolutions run as Winograd (transformed weights held), from the top
 
 
 def _levers(config: ModelConfig, winograd: int = 0) -> list[Levers]:
@@ -286,8 +281,8 @@ class MemoryPlanner:
     bytes (or "3GB") above the post-import RSS that a request may reach; compute: the dtype the models compute
     in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any; winograd: how many
     levels of the UNet's convolutions the pipeline would run as Winograd (the machine's tuning measured it
-    faster: 1 the full resolution, 2 the half too, where its transforms fit beside weights in `compute`,
-    runtime/winograd_conv.py; a plan may still give them up)."""
+    faster: 1 the full resolution, more the levels below too, as far as their transforms fit beside weights in
+    `compute`, runtime/winograd_conv.py; a plan may still give them up)."""
 
     def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
                  compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
@@ -302,9 +297,8 @@ class MemoryPlanner:
         self.machine_bytes = machine_bytes if machine_bytes is not None else _machine_memory(self.device)
         self.facts = facts or model_facts(config)
         f = self.facts
-        weights, itemsize = f.matrix["unet"] + f.rest["unet"], torch.empty((), dtype=compute).element_size()
-        half = f.winograd_weights_half > 0 and fits_next_level(weights, itemsize, f.winograd_bytes(2))
-        self.winograd = 0 if quant is not None or not f.winograd_weights else min(winograd, 2 if half else 1)
+        self.winograd = 0 if quant is not None or not any(f.winograd_weights) else levels_that_fit(
+            list(f.winograd_weights), f.matrix["unet"] + f.rest["unet"], compute, winograd)
         self._decode_cache: dict[tuple, int] = {}   # meta-device traces of the VAE decode, per size
         w, h = config.default_size, config.default_size
         self.levers = self._choose_levers(w, h)
@@ -389,12 +383,13 @@ class MemoryPlanner:
 
     @property
     def winograd_levels(self) -> int:
-        """How many levels of the UNet's convolutions the load-time plan keeps as Winograd (0-2)."""
+        """How many levels of the UNet's convolutions, from the full resolution down, the load-time plan keeps as
+        Winograd."""
         return self.levers.winograd
 
     def _weights(self, lv: Levers, components) -> int:
         storage = self.storage(lv)
-        winograd = self.facts.winograd_bytes(lv.winograd) if "unet" in components else 0
+        winograd = self.facts.winograd_bytes(lv.winograd, self.compute) if "unet" in components else 0
         return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage) + winograd
 
     def _overhead(self, tensors: int, component: str, lv: Levers) -> int:
@@ -421,9 +416,9 @@ class MemoryPlanner:
         rows = (2 * n if guided else n) if batch is None else batch
         itemsize = torch.empty((), dtype=self.compute).element_size()
         unet_tensors = int(f.unet_per_row_pixel * rows * h * w * itemsize / 4)
-        if lv.winograd:   # a Winograd layer's V and M (fp32) beside its output, which the trace counts
-            unet_tensors += 36 * 4 * rows * max(-(-h // 4) * -(-w // 4) * f.winograd_channels,
-                                                -(-h // 8) * -(-w // 8) * f.winograd_channels_half * (lv.winograd > 1))
+        if lv.winograd:   # a Winograd layer's V and M beside its output, which the trace counts
+            unet_tensors += max(buffer_bytes(rows, -(-h // 2 ** level), -(-w // 2 ** level),
+                                             f.winograd_channels[level], self.compute) for level in range(lv.winograd))
         attention = "fused (no N×N scores)"
         if self.attention == "reference":
             scores = rows * f.unet_attention_heads * (h * w) ** 2 * itemsize
@@ -457,7 +452,12 @@ class MemoryPlanner:
                           storage=tuple(self.storage(lv).items()), attention=attention, unet_batch=batch,
                           vae_tile=tile, vae_tile_budget=tile_budget, peaks=tuple(peaks.items()), width=width,
                           height=height, n=n, guided=guided,
-                          winograd=f.winograd_bytes(lv.winograd), winograd_levels=lv.winograd)
+                          winograd=f.winograd_bytes(lv.winograd, self.compute), winograd_levels=lv.winograd)
+
+
+def _levels(n: int) -> str:
+    """Words for the first `n` levels of a UNet's resolutions."""
+    return {1: "full-resolution", 2: "full- and half-resolution"}.get(n, f"the first {n} levels'")
 
 
 def _machine_memory(device: torch.device) -> int:

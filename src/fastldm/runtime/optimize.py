@@ -6,10 +6,11 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
 - the UNet's convolution weights, and its linears' where they run at few rows, prepacked into oneDNN's blocked
   layout (runtime/prepack.py; convolutions: a 256² UNet call 1.08-1.09× faster, 512² 1.01-1.02×; linears: 1.03×
   more at 256²), where its weights are fp32 or native bf16 and held in that dtype;
-- the UNet's full-resolution 3×3 convolutions as Winograd F(4×4, 3×3) (runtime/winograd_conv.py; in fp32 2.4-3.0×
-  faster per layer than packed oneDNN on an AVX2 EPYC, against native bf16 1.1-1.4× on an AVX-512 one; +253 MiB
-  for SD 1.5), where the weights are fp32 or bf16 and it measured faster here, and in a bf16 model the
-  half-resolution ones too where that measured faster (+0.93 GiB for SD 1.5: a 512² call 1.05× faster);
+- the UNet's 3×3 convolutions as Winograd (runtime/winograd_conv.py), where it measured faster here: in an fp32
+  model F(4×4, 3×3) at full resolution (2.4-3.0× faster per layer than packed oneDNN on an AVX2 EPYC; +253 MiB
+  for SD 1.5); in a bf16 one F(2×2, 3×3) in bf16 (1.6-1.9× native bf16 oneDNN per layer from 64² to 16² on an
+  AVX-512 bf16 EPYC), at full resolution and, where that measured faster too, at every level below whose
+  transforms fit (+1.3 GiB for SD 1.5);
 - `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
@@ -21,11 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, SettingError
-from ..ops import winograd_cpu
 from .prepack import KINDS, prepack
 from .prepack import unsupported as unpackable
 from .quant import quantize_int8
-from .winograd_conv import level_convs, use_winograd
+from .winograd_conv import depth, level_convs, use_winograd
+from .winograd_conv import unavailable as winograd_unavailable
 
 QUANT_MODES = (None, "int8")
 
@@ -38,14 +39,16 @@ def layout(name: str, module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None,
-             dtype: torch.dtype | None = None, pack: frozenset[str] = KINDS) -> dict[str, nn.Module]:
+             dtype: torch.dtype | None = None, pack: frozenset[str] = KINDS,
+             winograd_levels: int | None = None) -> dict[str, nn.Module]:
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
     loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
     of "conv", "linear", "winograd" (the full-resolution convolutions, transformed for Winograd instead of
-    packed for oneDNN) and "winograd2" (with "winograd": the half-resolution ones too, where their transforms
-    fit, runtime/winograd_conv.py); the caller passes none where the weights are stored in 16 bits and widened per call,
-    and only the kinds the machine's tuning measured faster."""
+    packed for oneDNN) and "winograd2" (with "winograd": the deeper levels' too, as far as their transforms fit,
+    runtime/winograd_conv.py); the caller passes none where the weights are stored in 16 bits and widened per call,
+    and only the kinds the machine's tuning measured faster. winograd_levels: at most that many levels as
+    Winograd (a memory plan's choice; default: as many as `pack` asks for)."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
     for name in ("unet", "vae"):
@@ -60,19 +63,20 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
             modules["unet"].to(dtype)  # what stays float (norms, unquantized layers) computes in `dtype`
     elif device.type == "cpu" and "unet" in modules:
         kinds = packable(modules["unet"], pack)
-        if "winograd" in kinds:
-            use_winograd(modules["unet"], "winograd2" in kinds)  # before prepack: these layers are no longer nn.Conv2d
+        levels = winograd_wanted(kinds, device, next(modules["unet"].parameters()).dtype, depth(modules["unet"]))
+        if levels:  # before prepack: these layers are no longer nn.Conv2d
+            use_winograd(modules["unet"], levels if winograd_levels is None else min(levels, winograd_levels))
         prepack(modules["unet"], kinds - {"winograd", "winograd2"})
     return modules
 
 
-def winograd_wanted(kinds: frozenset[str], device: torch.device, dtype: torch.dtype) -> int:
-    """How many levels of a UNet's convolutions `optimize(pack=kinds)` runs as Winograd on `device` for weights in
-    `dtype`, before the memory rule of the second (winograd_conv.fits_next_level): 0, 1 or 2. What a memory plan
-    is asked to count (runtime/memory_plan.py)."""
+def winograd_wanted(kinds: frozenset[str], device: torch.device, dtype: torch.dtype, levels: int) -> int:
+    """How many levels of a UNet of `levels` levels `optimize(pack=kinds)` runs as Winograd on `device` for weights
+    in `dtype`, before the memory rule of the deeper ones (winograd_conv.levels_that_fit): 0, 1 or `levels`. What
+    a memory plan is asked to count (runtime/memory_plan.py)."""
     if "winograd" not in kinds or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return 0
-    return 1 + ("winograd2" in kinds)
+    return levels if "winograd2" in kinds else 1
 
 
 def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
@@ -84,7 +88,7 @@ def packable(unet: nn.Module, kinds: frozenset[str] = KINDS) -> frozenset[str]:
         names = level_convs(unet, 0) if hasattr(unet, "up_blocks") else []
         w = unet.get_submodule(names[0]).weight if names else None
         if (w is not None and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-                and winograd_cpu.unavailable() is None):
+                and winograd_unavailable(w.dtype) is None):
             found |= {"winograd"} | ({"winograd2"} & kinds)
     for kind, cls in (("conv", nn.Conv2d), ("linear", nn.Linear)):
         w = next((m.weight for m in unet.modules() if isinstance(m, cls)), None) if kind in kinds else None

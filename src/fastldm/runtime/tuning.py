@@ -20,13 +20,14 @@ candidates that matter on the model's real shapes, for a few seconds:
                 default size, at most prepack.MAX_ROWS), plain against its weight packed for oneDNN: the
                 small-row products are the only ones packing serves (1.2× on SD 1.5's 64-token level)
     winograd    a 3×3 convolution of the UNet's first level at its full resolution (CFG batch 2, the default
-                size up to a 64² latent) in the chosen dtype, packed for oneDNN against Winograd F(4×4, 3×3)
-                with C++ transforms and fp32 GEMMs (runtime/winograd_conv.py): 2.2-2.5× in fp32 on an AVX2
-                EPYC, 1.1-1.2× against native bf16 on an AVX-512 bf16 EPYC; a CPU with faster direct
-                convolutions may rank them the other way
+                size up to a 64² latent) in the chosen dtype, packed for oneDNN against Winograd
+                (runtime/winograd_conv.py): in fp32 F(4×4, 3×3) with fp32 GEMMs, 2.2-2.5× on an AVX2 EPYC; in
+                bf16 F(2×2, 3×3) in bf16, 1.7-1.8× native bf16 on an AVX-512 bf16 EPYC; a CPU with faster
+                direct convolutions may rank them the other way
     winograd2   the same at the second level (half the resolution, its channels: up to a 32² latent), where
-                the first measured faster and the dtype is 16-bit (only there do its transforms fit,
-                runtime/winograd_conv.py): 1.16-1.45× per layer against native bf16 at SD 1.5's 512²
+                the first measured faster and the dtype is 16-bit (only there do more transforms fit,
+                runtime/winograd_conv.py); it decides that level and the deeper ones, as far as they fit
+                (F(2×2) at SD 1.5's 512²: 1.7-1.9× per layer at 32², 1.7× at 16², 1.2× at 8²)
 
 The choice is stored as JSON under ~/.cache/fastldm/tuning (or $XDG_CACHE_HOME/fastldm/tuning), keyed by the
 CPU's model and flags, torch's version, the thread count and the shapes measured, so a later load reads it
@@ -44,14 +45,15 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..files import atomic_write_bytes, cache_root
-from ..ops import autotune, registry, winograd_cpu
+from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
 from .prepack import MAX_ROWS, PackedConv2d, PackedLinear
 from .prepack import unsupported as unpackable
 from .quant import supported as int8_unsupported
-from .winograd_conv import WinogradConv2d
+from .winograd_conv import WinogradConv2d, algorithm
+from .winograd_conv import unavailable as winograd_unavailable
 
-FORMAT = "fastldm-tuning-6"
+FORMAT = "fastldm-tuning-7"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -63,7 +65,7 @@ class RuntimeChoice:
     pack: str = "unavailable: not measured"      # packed conv weights: "faster" | "slower" | "unavailable: <why>"
     pack_linear: str = "unavailable: not measured"   # packed small-row linear weights: the same
     winograd: str = "unavailable: not measured"  # full-resolution convs as Winograd rather than packed: the same
-    winograd2: str = "unavailable: not measured"  # half-resolution convs as Winograd too: the same
+    winograd2: str = "unavailable: not measured"  # the deeper levels' convs as Winograd too: the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -85,7 +87,7 @@ class RuntimeChoice:
         packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
         return (f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
                 + ("" if "winograd" not in self.packed_kinds else "; Winograd full-resolution convs"
-                   if "winograd2" not in self.packed_kinds else "; Winograd full- and half-resolution convs"))
+                   if "winograd2" not in self.packed_kinds else "; Winograd convs at every level that fits"))
 
 
 def cache_dir() -> Path:
@@ -257,7 +259,7 @@ def _linear_packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeat
 
 
 def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
-    why = winograd_cpu.unavailable()
+    why = winograd_unavailable(dtype)
     if why is not None:
         return f"unavailable: {why}"
     C, S = shape
@@ -292,17 +294,18 @@ def linear_weights(choice: RuntimeChoice) -> str:
 
 def full_resolution_convs(choice: RuntimeChoice) -> str:
     """How a float UNet's full-resolution 3×3 convolutions run on this CPU under `choice`."""
-    return _winograd_verdict(choice.winograd, "")
+    return _winograd_verdict(choice, choice.winograd, "")
 
 
 def half_resolution_convs(choice: RuntimeChoice) -> str:
-    """How a float UNet's half-resolution 3×3 convolutions run on this CPU under `choice`."""
-    return _winograd_verdict(choice.winograd2, ", in a 16-bit model whose weights leave room for them")
+    """How a float UNet's 3×3 convolutions below full resolution run on this CPU under `choice`."""
+    return _winograd_verdict(choice, choice.winograd2, ", where the transforms fit beside 16-bit weights")
 
 
-def _winograd_verdict(verdict: str, where: str) -> str:
+def _winograd_verdict(choice: RuntimeChoice, verdict: str, where: str) -> str:
     if verdict == "faster":
-        return f"Winograd F(4x4, 3x3), weights transformed at load (measured faster here{where})"
+        return (f"Winograd {algorithm(choice.torch_dtype)}, weights transformed at load (measured faster "
+                f"here{where})")
     why = "Winograd measured slower here" if verdict == "slower" else verdict.removeprefix("unavailable: ")
     return f"as the other convolutions ({why})"
 
@@ -323,7 +326,7 @@ def describe(choice: RuntimeChoice) -> str:
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
              f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}",
-             f"full-res convs:  {full_resolution_convs(choice)}", f"half-res convs:  {half_resolution_convs(choice)}"]
+             f"full-res convs:  {full_resolution_convs(choice)}", f"deeper convs:    {half_resolution_convs(choice)}"]
     width = max(map(len, choice.ms), default=0)
     lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
