@@ -8,8 +8,9 @@ bf16 F(4×4) must still run its GEMMs in fp32 (its transforms' cancellation woul
 which caps it at 1.1-1.4× a native bf16 convolution; F(2×2)'s transforms hold only 0, ±1 and ½, so its tiles,
 weights and GEMMs stay bf16 (1.4-2.0× a bf16 direct convolution's error against fp64, ~5e-3 of max|y|): on an
 AVX-512 bf16 EPYC it runs SD 1.5's layers 1.6-1.9× faster than oneDNN's bf16 direct convolution from 64² down to
-16², 1.15× at 8², and slower below (0.6× at 4²), where each layer runs its direct convolution instead
-(MIN_PIXELS).
+16², 1.15× at 8², and slower below (0.6× at 4²: there a UNet's deepest levels, which only requests under 256²
+reach with SD 1.5's three Winograd levels, run 1.5× slower than packed; still 2× faster than the plain
+convolution a Winograd layer could fall back to, whose weight oneDNN reorders at every call).
 
 Its price is memory: the transformed weights, held beside the plain ones (which the state dict, exports and a
 fallback read), are 16/9 of a bf16 weight in F(2×2), 4× a 3×3 weight in fp32 (16 bytes per element) in
@@ -40,7 +41,6 @@ from ..ops import winograd, winograd_cpu, winograd_f2_cpu
 
 TRANSFORM_CHUNK = 64  # output channels transformed at a time (WinogradConv2d._transformed)
 MIN_CHANNELS = 32  # narrower convolutions (a UNet's conv_in and conv_out) are too thin a GEMM to pay
-MIN_PIXELS = 64  # F(2×2) on fewer pixels runs the direct convolution: 1.15× it at 8×8, 0.6× at 4×4
 
 
 def unavailable(dtype: torch.dtype) -> str | None:
@@ -61,8 +61,7 @@ def algorithm(dtype: torch.dtype) -> str:
 class WinogradConv2d(nn.Module):
     """A 3×3, stride-1, padding-1 nn.Conv2d (groups 1) holding its weight plain and transformed for Winograd:
     F(2×2, 3×3) in bf16 for a bf16 weight, F(4×4, 3×3) in fp32 for an fp32 one. Takes (B, C, H, W), returns
-    channels_last. Runs the plain convolution where Winograd does not apply (another dtype or device, autograd)
-    or does not pay (F(2×2) on fewer than MIN_PIXELS pixels)."""
+    channels_last. Runs the plain convolution where Winograd does not apply (another dtype or device, autograd)."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -94,8 +93,6 @@ class WinogradConv2d(nn.Module):
                 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
             return F.conv2d(x, self.weight, self.bias, 1, 1)
         if x.dtype == torch.bfloat16:
-            if x.shape[-2] * x.shape[-1] < MIN_PIXELS:
-                return F.conv2d(x, self.weight, self.bias, 1, 1)
             return winograd_f2_cpu.conv(x, self.u, self.bias)
         return winograd_cpu.conv(x, self.u, self.bias)
 
