@@ -77,8 +77,8 @@ def test_the_convolution_is_the_algorithm_and_close_to_fp64(B, C, K, H, W, with_
     # round once to bf16, so they differ by at most one bf16 step (2^-7 relative) where they differ at all.
     want = _reference(x, u, b).double()
     assert ((y.double() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
-    # Against fp64: bf16 V, U and M cost 1.4-2× a bf16 direct convolution's error (its output rounding;
-    # benchmarks/winograd_f2_probe.py), ~5e-3 of max|y|; bounded at 2.5× oneDNN's and 1e-2 of max|y|.
+    # Against fp64: bf16 V, U and M cost 1.6-2.3× a bf16 direct convolution's error (its output rounding;
+    # benchmarks/winograd_f2.py), 4-7e-3 of max|y|; bounded at 2.5× oneDNN's (+ one bf16 step) and 1e-2.
     ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
     peak = ref.abs().max()
     err = (y.double() - ref).abs().max()

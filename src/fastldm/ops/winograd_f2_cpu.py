@@ -3,9 +3,11 @@
 F(4×4, 3×3) (winograd_cpu.py) saves 4× the multiplies but must run its GEMMs in fp32: its transforms'
 entries reach 5 and 8 and cancel, so bf16 tiles would cost ~10 % of max|y|. F(2×2, 3×3) saves 2.25×, and
 its Bᵀ and Aᵀ hold only 0 and ±1 (G: ½), so its transformed tiles V and weights U can be bf16: its 16 GEMMs
-run at the bf16 rate — on an AVX-512 bf16 CPU twice fp32's — with fp32 accumulation, and the output is
-rounded once. Measured against an fp64 convolution: 1.4-1.9× the error of oneDNN's bf16 direct convolution
-(3.5-4.9e-3 of max|y| against 2.4-2.8e-3, benchmarks/winograd_f2_probe.py); tests bound it.
+run at the bf16 rate — on an AVX-512 bf16 CPU twice fp32's — with fp32 accumulators; V, U, the products M and
+the output are each rounded to bf16 once. Measured against an fp64 convolution: 1.6-2.3× the error of oneDNN's bf16 direct convolution
+(4.1-6.8e-3 of max|y| against 2.3-3.1e-3 at SD 1.5's shapes, benchmarks/winograd_f2.py); tests bound it. In a
+512² SD 1.5 image that does not show: 44.7 dB against fp32, as with direct bf16 convolutions
+(benchmarks/winograd_f2_accuracy.py).
 
 The C++ (csrc/winograd_f2_cpu.cpp) does the input and output transforms, each one pass over channels_last
 memory with channels along the SIMD lanes; between them `torch.bmm` runs the 16 GEMMs in bf16 (oneDNN, fp32
