@@ -1,5 +1,5 @@
-// 2^x on ATen's Vectorized<float>, for the x ≤ 0 of a softmax: shared by the CPU kernels that exponentiate
-// scores (flash_attention_cpu.cpp, softmax_cpu.cpp).
+// 2^x on ATen's Vectorized<float>, for x ≤ 0: shared by the CPU kernels that exponentiate scores
+// (flash_attention_cpu.cpp, softmax_cpu.cpp) and GEGLU's erf (geglu_cpu.cpp, exp(−x²)).
 //
 // 2^x = 2^n · p(x − n) with n = round(x) and p a minimax polynomial of 2^f on [−½, ½] (fitted for relative
 // error by Lawson's reweighted least squares, coefficients rounded to fp32):
