@@ -38,12 +38,7 @@ MAX_HEAD_DIM = 256
 LIBRARY = "flash_attention_cpu"
 
 
-@torch.compiler.assume_constant_result
-def unavailable() -> str | None:
-    """Why the kernel cannot run on this machine (its library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build). Under torch.compile it runs once,
-    at trace time."""
-    return native_build.load(LIBRARY)
+unavailable = native_build.loader(LIBRARY)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

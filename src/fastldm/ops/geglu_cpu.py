@@ -19,23 +19,14 @@ from . import native_build
 LIBRARY = "geglu_cpu"
 
 
-@torch.compiler.assume_constant_result
-def unavailable() -> str | None:
-    """Why the kernel cannot run on this machine (its library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build)."""
-    return native_build.load(LIBRARY)
+unavailable = native_build.loader(LIBRARY)
 
 
 def supports(x: torch.Tensor) -> str | None:
-    if x.device.type != "cpu":
-        return f"geglu_cpu is for CPU tensors, got {x.device.type}"
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        return f"geglu_cpu runs float32 or bfloat16, got {x.dtype}"
-    if x.dim() == 0 or x.shape[-1] % 2:
-        return "geglu_cpu needs an even last dim (value and gate halves)"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "geglu_cpu is inference-only (no backward)"
-    return unavailable()
+    why = native_build.cpu_limits("geglu_cpu", x)
+    if why is None and (x.dim() == 0 or x.shape[-1] % 2):
+        why = "geglu_cpu needs an even last dim (value and gate halves)"
+    return why if why is not None else unavailable()
 
 
 def geglu(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,6 +128,29 @@ def load_library(name: str, root: Path) -> Path:
     except OSError:
         shutil.rmtree(scratch, ignore_errors=True)  # ours is loaded (mapped): removing the file is safe
     return library
+
+
+def loader(name: str) -> Callable[[], str | None]:
+    """The `unavailable()` of a module wrapping library `name`: why its kernels cannot run on this machine (the
+    library can be neither loaded nor built), or None. The first call may compile it (once per machine); under
+    torch.compile it is a constant, evaluated once at trace time."""
+    @torch.compiler.assume_constant_result
+    def unavailable() -> str | None:
+        return load(name)
+    unavailable.__doc__ = f"Why the {name} kernels cannot run on this machine, or None (native_build.loader)."
+    return unavailable
+
+
+def cpu_limits(kernel: str, x: torch.Tensor) -> str | None:
+    """What every kernel here asks of its input, or why `x` is not it: a CPU tensor in float32 or bfloat16,
+    not needing gradients (`kernel` names it in the reason)."""
+    if x.device.type != "cpu":
+        return f"{kernel} is for CPU tensors, got {x.device.type}"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"{kernel} runs float32 or bfloat16, got {x.dtype}"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return f"{kernel} is inference-only (no backward)"
+    return None
 
 
 @functools.cache

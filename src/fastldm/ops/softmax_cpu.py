@@ -21,23 +21,14 @@ from . import native_build
 LIBRARY = "softmax_cpu"
 
 
-@torch.compiler.assume_constant_result
-def unavailable() -> str | None:
-    """Why the kernel cannot run on this machine (its library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build)."""
-    return native_build.load(LIBRARY)
+unavailable = native_build.loader(LIBRARY)
 
 
 def supports(x: torch.Tensor) -> str | None:
-    if x.device.type != "cpu":
-        return f"softmax_cpu is for CPU tensors, got {x.device.type}"
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        return f"softmax_cpu runs float32 or bfloat16, got {x.dtype}"
-    if x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1):
-        return "softmax_cpu takes a (rows, M) tensor with unit stride along its rows"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "softmax_cpu is inference-only (no backward)"
-    return unavailable()
+    why = native_build.cpu_limits("softmax_cpu", x)
+    if why is None and (x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1)):
+        why = "softmax_cpu takes a (rows, M) tensor with unit stride along its rows"
+    return why if why is not None else unavailable()
 
 
 def softmax_(x: torch.Tensor) -> torch.Tensor:

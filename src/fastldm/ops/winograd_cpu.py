@@ -30,21 +30,15 @@ from . import native_build, winograd
 LIBRARY = "winograd_cpu"
 
 
-@torch.compiler.assume_constant_result
-def unavailable() -> str | None:
-    """Why the transforms cannot run on this machine (their library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build)."""
-    return native_build.load(LIBRARY)
+unavailable = native_build.loader(LIBRARY)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
              padding: int = 0) -> str | None:
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return f"winograd_cpu is for CPU tensors, got {x.device.type}"
-    if x.dtype not in (torch.float32, torch.bfloat16):
-        return f"winograd_cpu takes float32 or bfloat16 images, got {x.dtype}"
-    why = winograd.supports(x, weight, bias, stride, padding)
-    return why if why is not None else unavailable()
+    why = native_build.cpu_limits("winograd_cpu", x)
+    if why is None and weight.device.type != "cpu":
+        why = f"winograd_cpu is for CPU tensors, got a {weight.device.type} weight"
+    return why or winograd.supports(x, weight, bias, stride, padding) or unavailable()
 
 
 def conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -34,21 +34,15 @@ G = torch.tensor([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], dtype=torc
 TRANSFORM_CHUNK = 64  # output channels transformed at a time (transform_weight)
 
 
-@torch.compiler.assume_constant_result
-def unavailable() -> str | None:
-    """Why the kernels cannot run on this machine (their library can be neither loaded nor built), or None.
-    The first call may compile it (once per machine; see native_build)."""
-    return native_build.load(LIBRARY)
+unavailable = native_build.loader(LIBRARY)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
              padding: int = 0) -> str | None:
-    if x.device.type != "cpu" or weight.device.type != "cpu":
-        return f"winograd_f2_cpu is for CPU tensors, got {x.device.type}"
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return f"winograd_f2_cpu takes a bfloat16 image and weight, got {x.dtype} and {weight.dtype}"
-    why = winograd.supports(x, weight, bias, stride, padding)
-    return why if why is not None else unavailable()
+    why = native_build.cpu_limits("winograd_f2_cpu", x)
+    if why is None and (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.device.type != "cpu"):
+        why = f"winograd_f2_cpu takes a bfloat16 image and weight on the CPU, got {x.dtype} and {weight.dtype}"
+    return why or winograd.supports(x, weight, bias, stride, padding) or unavailable()
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:

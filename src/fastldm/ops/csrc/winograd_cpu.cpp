@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <optional>
 
+#include "winograd_tiles.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -71,12 +73,9 @@ inline void store(const Vec& v, c10::BFloat16* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = c10::BFloat16(wide[i]);
 }
 
-struct Tiles {
-  int64_t B, H, W, nH, nW;
-  int64_t count() const { return B * nH * nW; }
-};
+using fastldm::Tiles;
 
-Tiles tiles(int64_t B, int64_t H, int64_t W) { return {B, H, W, (H + 3) / 4, (W + 3) / 4}; }
+Tiles tiles(int64_t B, int64_t H, int64_t W) { return Tiles(B, H, W, 4); }
 
 // x (B, C, H, W) channels_last -> V (36, P, C) fp32, P = B · ⌈H/4⌉ · ⌈W/4⌉ tiles in (b, tile row, tile col) order.
 template <typename T>
@@ -153,15 +152,8 @@ at::Tensor winograd_output(const at::Tensor& m, const std::optional<at::Tensor>&
               "winograd_output: dtype must be float32 or bfloat16, got ", out_type);
   const Tiles t = tiles(B, H, W);
   const int64_t P = t.count(), K = m.size(2);
-  TORCH_CHECK(m.size(1) == P, "winograd_output: M has ", m.size(1), " tiles, a ", B, "x", H, "x", W,
-              " image has ", P);
-  at::Tensor b32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K &&
-                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
-                "winograd_output: bias must be a (K,) float32 or bfloat16 tensor");
-    b32 = bias->to(at::kFloat).contiguous();
-  }
+  fastldm::check_tiles(m, t, "winograd_output");
+  const at::Tensor b32 = fastldm::bias_fp32(bias, K, "winograd_output");
   at::Tensor y = at::empty({B, K, H, W}, m.options().dtype(out_type).memory_format(at::MemoryFormat::ChannelsLast));
   if (P == 0 || K == 0) return y;
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;

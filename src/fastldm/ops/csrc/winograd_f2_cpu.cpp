@@ -29,6 +29,8 @@
 #include <optional>
 #include <tuple>
 
+#include "winograd_tiles.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -51,12 +53,9 @@ inline void output_rows(const Vec* m, int64_t s, Vec* o, int64_t os) {
   o[os] = m1 - m2 - m[3 * s];
 }
 
-struct Tiles {
-  int64_t B, H, W, nH, nW;
-  int64_t count() const { return B * nH * nW; }
-};
+using fastldm::Tiles;
 
-Tiles tiles(int64_t B, int64_t H, int64_t W) { return {B, H, W, (H + 1) / 2, (W + 1) / 2}; }
+Tiles tiles(int64_t B, int64_t H, int64_t W) { return Tiles(B, H, W, 2); }
 
 // x (B, C, H, W) bf16 channels_last -> V (16, P, C) bf16, P = B · ⌈H/2⌉ · ⌈W/2⌉ in (b, tile row, tile col) order.
 void input_tiles(const bf16* in, bf16* out, const Tiles& t, int64_t C) {
@@ -141,15 +140,8 @@ at::Tensor winograd_f2_output(const at::Tensor& m, const std::optional<at::Tenso
               "winograd_f2_output: M must be a contiguous (16, P, K) bfloat16 tensor");
   const Tiles t = tiles(B, H, W);
   const int64_t P = t.count(), K = m.size(2);
-  TORCH_CHECK(m.size(1) == P, "winograd_f2_output: M has ", m.size(1), " tiles, a ", B, "x", H, "x", W,
-              " image has ", P);
-  at::Tensor b32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K &&
-                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
-                "winograd_f2_output: bias must be a (K,) float32 or bfloat16 tensor");
-    b32 = bias->to(at::kFloat).contiguous();
-  }
+  fastldm::check_tiles(m, t, "winograd_f2_output");
+  const at::Tensor b32 = fastldm::bias_fp32(bias, K, "winograd_f2_output");
   at::Tensor y = at::empty({B, K, H, W}, m.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (P == 0 || K == 0) return y;
   output_tiles(m.data_ptr<bf16>(), b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<bf16>(), t, K);
