@@ -97,6 +97,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     packed_kinds = KINDS if choice is None else choice.packed_kinds
     packed_kinds -= {"conv", "winograd", "winograd2"} if "conv2d" in kernels.forced else set()
     packed_kinds -= {"linear", "winograd", "winograd2"} if compile else set()
+    # An int8 UNet's 3×3 convolutions as Winograd F(2×2) with int8 GEMMs, where tuning measured that faster.
+    int8_winograd = quant == "int8" and choice is not None and choice.int8_winograd == "faster"
     planner = None
     if memory is not None or memory_budget is not None:
         config = read_config(path, prediction_type)
@@ -105,7 +107,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
                                "read per component); convert it to .safetensors")
         compute = dtype or default_dtype(device, config)
         planner = MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
-                                attention=kernels.forced.get("attention"), device=device,
+                                attention=kernels.forced.get("attention"), device=device, int8_winograd=int8_winograd,
                                 winograd=winograd_wanted(packed_kinds, device, compute,
                                                          len(config.unet.block_out_channels)))
         packed_kinds -= {"winograd", "winograd2"} if not planner.winograd_levels else set()
@@ -118,7 +120,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     options = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle,
                    prediction_type=prediction_type, storage=storage,
                    channels_last=frozenset({"unet", "vae"} if device.type == "cpu" else ()),  # optimize.layout
-                   layers={"unet": int8_layer(compute)} if while_reading else None)
+                   layers={"unet": int8_layer(compute, winograd=int8_winograd)} if while_reading else None)
     config, modules = load_components(path, components=frozenset(_COMPONENTS) - set(staged), **options)
     compute = compute or default_dtype(device, config)
 
@@ -127,7 +129,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         widening."""
         optimize(found, device, quant=None if while_reading else quant, dtype=compute,
                  pack=frozenset() if while_reading or "unet" in storage else packed_kinds,
-                 winograd_levels=None if planner is None else planner.winograd_levels)
+                 winograd_levels=None if planner is None else planner.winograd_levels, int8_winograd=int8_winograd)
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

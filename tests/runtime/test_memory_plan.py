@@ -146,6 +146,18 @@ def test_winograd_at_deeper_levels_fits_beside_16_bit_weights_only(planner):
     assert {(2, -3), (3, -2), (3, 0)} <= set(walk), walk
 
 
+def test_int8_winograd_weights_are_counted(planner):
+    """An int8 UNet whose 3×3 convolutions run as int8 Winograd F(2×2) holds 16/9 of their int8 weights: 7/9 byte
+    more per weight element (SD 1.5: 521M elements, +0.38 GiB); no transforms are counted for a float UNet."""
+    facts = model_facts(PRESETS["sd1"])
+    plain, wino = planner(quant="int8"), planner(quant="int8", int8_winograd=True)
+    more = 7 * sum(facts.winograd_weights) // 9
+    assert 0.37 * GiB < more < 0.39 * GiB
+    for stage in ("load", "denoise", "decode"):
+        assert dict(wino.plan.peaks)[stage] - dict(plain.plan.peaks)[stage] == more
+    assert planner(int8_winograd=True).plan.peaks == planner().plan.peaks
+
+
 def test_reference_attention_counts_its_scores(planner):
     fused = planner().for_request(512, 512, 1, True)
     ref = planner(attention="reference").for_request(512, 512, 1, True)

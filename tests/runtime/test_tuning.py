@@ -238,3 +238,23 @@ def test_info_plans_with_the_cached_choice(monkeypatch):
     res = CliRunner().invoke(main, ["info", path])
     # fp32 weights leave no room for the half-resolution transforms: the full-resolution ones only
     assert "Winograd:      full-resolution convs" in res.output, res.output
+
+
+@pytest.mark.parametrize("wino_ms,verdict", [(0.5, "faster"), (2.0, "slower")])
+def test_int8_winograd_is_measured_on_the_first_levels_convolution(monkeypatch, wino_ms, verdict):
+    """Where int8 and F(2×2)'s transforms are available: oneDNN's int8 convolution against int8 Winograd at SD 1.5's
+    first level (320 channels, 64×64, CFG batch 2), said in `fastldm info --runtime` and the PNG's Version."""
+    from fastldm.runtime import quant
+
+    if quant.winograd_unavailable() is not None:
+        pytest.skip(quant.winograd_unavailable())
+    _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
+    calls = _fake_times(monkeypatch, {"Int8WinogradConv2d bfloat16": wino_ms})
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.int8_winograd == verdict and choice.ms["conv 320x64x64 int8 winograd"] == wino_ms
+    assert {"Int8Conv2d bfloat16", "Int8WinogradConv2d bfloat16"} <= set(calls)
+    assert ("int8 Winograd convs" in str(choice)) == (verdict == "faster")
+    assert tuning.int8_convs(choice).startswith("Winograd" if verdict == "faster" else "oneDNN's int8")
+    assert "int8 3x3 convs:" in tuning.describe(choice)
+    monkeypatch.setattr(tuning, "int8_winograd_unavailable", lambda: "no oneDNN int8 here")
+    assert tuning.measure(PRESETS["sd1"]).int8_winograd == "unavailable: no oneDNN int8 here"

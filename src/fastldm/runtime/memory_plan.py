@@ -282,16 +282,18 @@ class MemoryPlanner:
     in; quant: "int8" or None; attention: the pipeline's forced attention backend, if any; winograd: how many
     levels of the UNet's convolutions the pipeline would run as Winograd (the machine's tuning measured it
     faster: 1 the full resolution, more the levels below too, as far as their transforms fit beside weights in
-    `compute`, runtime/winograd_conv.py; a plan may still give them up)."""
+    `compute`, runtime/winograd_conv.py; a plan may still give them up); int8_winograd: an int8 UNet's 3×3
+    convolutions run as int8 Winograd F(2×2), whose weights are 16/9 of theirs (runtime/quant.py)."""
 
     def __init__(self, config: ModelConfig, mode: str | None = None, budget: int | str | None = None, *,
                  compute: torch.dtype = torch.float32, quant: str | None = None, attention: str | None = None,
                  device: torch.device | str = "cpu", machine_bytes: int | None = None,
-                 facts: ModelFacts | None = None, winograd: int = 0):
+                 facts: ModelFacts | None = None, winograd: int = 0, int8_winograd: bool = False):
         mode = mode or "balanced"
         if mode not in MODES:
             raise SettingError(f"unknown memory mode {mode!r}; use one of: {', '.join(MODES)}")
         self.config, self.mode, self.compute, self.quant = config, mode, compute, quant
+        self.int8_winograd = int8_winograd and quant is not None
         self.budget = None if budget is None else parse_bytes(budget)
         self.attention, self.device = attention, torch.device(device)
         self.machine_bytes = machine_bytes if machine_bytes is not None else _machine_memory(self.device)
@@ -390,6 +392,8 @@ class MemoryPlanner:
     def _weights(self, lv: Levers, components) -> int:
         storage = self.storage(lv)
         winograd = self.facts.winograd_bytes(lv.winograd, self.compute) if "unet" in components else 0
+        if self.int8_winograd and "unet" in components:  # int8 F(2×2) weights: 16/9 of the int8 ones, 7/9 more
+            winograd += 7 * sum(self.facts.winograd_weights) // 9
         return sum(self.facts.weight_bytes(c, storage[c]) for c in components if c in storage) + winograd
 
     def _overhead(self, tensors: int, component: str, lv: Levers) -> int:

@@ -40,7 +40,7 @@ def layout(name: str, module: nn.Module, device: torch.device) -> nn.Module:
 
 def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None,
              dtype: torch.dtype | None = None, pack: frozenset[str] = KINDS,
-             winograd_levels: int | None = None) -> dict[str, nn.Module]:
+             winograd_levels: int | None = None, int8_winograd: bool = False) -> dict[str, nn.Module]:
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
     loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
@@ -48,7 +48,8 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
     packed for oneDNN) and "winograd2" (with "winograd": the deeper levels' too, as far as their transforms fit,
     runtime/winograd_conv.py); the caller passes none where the weights are stored in 16 bits and widened per call,
     and only the kinds the machine's tuning measured faster. winograd_levels: at most that many levels as
-    Winograd (a memory plan's choice; default: as many as `pack` asks for)."""
+    Winograd (a memory plan's choice; default: as many as `pack` asks for). int8_winograd: with `quant="int8"`, the
+    UNet's 3×3 convolutions as Winograd F(2×2) with int8 GEMMs (runtime/quant.py; where tuning measured it faster)."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
     for name in ("unet", "vae"):
@@ -58,7 +59,7 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
         raise BackendUnavailable(f"{quant} quantization runs on CPU only; load the model on the CPU or without "
                                  f"quantization")
     if quant == "int8" and "unet" in modules:
-        quantize_int8(modules["unet"], dtype=dtype)
+        quantize_int8(modules["unet"], dtype=dtype, winograd=int8_winograd)
         if dtype is not None:
             modules["unet"].to(dtype)  # what stays float (norms, unquantized layers) computes in `dtype`
     elif device.type == "cpu" and "unet" in modules:

@@ -12,6 +12,9 @@ candidates that matter on the model's real shapes, for a few seconds:
                 its default size, in the chosen dtype (and stays within 2 % of the reference's output)
     int8        whether oneDNN's int8 kernels exist here and how a quantized linear compares (reported; int8
                 changes the images, so it stays the user's choice)
+    int8 winograd  where int8 runs: the first level's 3×3 convolution at its full resolution as oneDNN's int8
+                convolution against Winograd F(2×2, 3×3) with int8 GEMMs (runtime/quant.py
+                `Int8WinogradConv2d`), which `quant="int8"` then runs for every 3×3 convolution where faster
     conv pack   the UNet's deepest 3×3 convolution at its real shape (CFG batch 2, the default size), plain
                 against its weight packed for oneDNN (runtime/prepack.py): the deep levels are where packing
                 pays (1.7× at SD 1.5's 4² latents on an AVX2 EPYC) or does not, and `fastldm.load` packs only
@@ -49,11 +52,13 @@ from ..ops import autotune, registry
 from .device import BF16_MIN_CHANNELS, cpu_info
 from .prepack import MAX_ROWS, PackedConv2d, PackedLinear
 from .prepack import unsupported as unpackable
+from .quant import Int8Conv2d, Int8WinogradConv2d, fused_quantizer
 from .quant import supported as int8_unsupported
+from .quant import winograd_unavailable as int8_winograd_unavailable
 from .winograd_conv import WinogradConv2d, algorithm
 from .winograd_conv import unavailable as winograd_unavailable
 
-FORMAT = "fastldm-tuning-7"
+FORMAT = "fastldm-tuning-8"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -66,6 +71,7 @@ class RuntimeChoice:
     pack_linear: str = "unavailable: not measured"   # packed small-row linear weights: the same
     winograd: str = "unavailable: not measured"  # full-resolution convs as Winograd rather than packed: the same
     winograd2: str = "unavailable: not measured"  # the deeper levels' convs as Winograd too: the same
+    int8_winograd: str = "unavailable: not measured"  # an int8 UNet's 3×3 convs as int8 Winograd F(2×2): the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -87,7 +93,8 @@ class RuntimeChoice:
         packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
         return (f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
                 + ("" if "winograd" not in self.packed_kinds else "; Winograd full-resolution convs"
-                   if "winograd2" not in self.packed_kinds else "; Winograd convs at every level that fits"))
+                   if "winograd2" not in self.packed_kinds else "; Winograd convs at every level that fits")
+                + ("; int8 Winograd convs" if self.int8_winograd == "faster" else ""))
 
 
 def cache_dir() -> Path:
@@ -182,8 +189,9 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
                                     "an fp32 model's weights leave no room for more transformed ones"))
     else:
         wino2 = _winograd(shapes["half conv"], dtype, ms, max(repeats, 5), g)
+    int8_wino = _int8_winograd(shapes["full conv"], dtype, ms, max(repeats, 5), g)
     return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear, wino,
-                         wino2, {k: round(v, 3) for k, v in ms.items()}, key)
+                         wino2, int8_wino, {k: round(v, 3) for k, v in ms.items()}, key)
 
 
 def _fastest_attention(shape, dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
@@ -282,6 +290,22 @@ def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int
     return "faster" if t < direct else "slower"
 
 
+def _int8_winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
+    why = int8_winograd_unavailable()
+    if why is not None:
+        return f"unavailable: {why}"
+    C, S = shape
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
+    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
+    conv.bias.zero_()
+    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    quantize = fused_quantizer()
+    for name, cls in (("int8", Int8Conv2d), ("int8 winograd", Int8WinogradConv2d)):
+        ms[f"conv {C}x{S}x{S} {name}"] = autotune.time_ms(cls(conv, quantize, dtype), (x,), {}, torch.device("cpu"),
+                                                          repeats)
+    return "faster" if ms[f"conv {C}x{S}x{S} int8 winograd"] < ms[f"conv {C}x{S}x{S} int8"] else "slower"
+
+
 def conv_weights(choice: RuntimeChoice) -> str:
     """How a float UNet's convolution weights are held on this CPU under `choice` (runtime/prepack.py)."""
     return _held(choice.pack, "packed for oneDNN once per input shape")
@@ -310,6 +334,15 @@ def _winograd_verdict(choice: RuntimeChoice, verdict: str, where: str) -> str:
     return f"as the other convolutions ({why})"
 
 
+def int8_convs(choice: RuntimeChoice) -> str:
+    """How an int8 UNet's 3×3 convolutions run on this CPU under `choice` (runtime/quant.py)."""
+    if choice.int8_winograd == "faster":
+        return "Winograd F(2x2, 3x3) with int8 GEMMs (measured faster here)"
+    why = ("Winograd measured slower here" if choice.int8_winograd == "slower"
+           else choice.int8_winograd.removeprefix("unavailable: "))
+    return f"oneDNN's int8 convolution ({why})"
+
+
 def _held(verdict: str, packed: str) -> str:
     if verdict == "faster":
         return f"{packed} (measured faster here)"
@@ -326,7 +359,8 @@ def describe(choice: RuntimeChoice) -> str:
              f"threads:         {torch.get_num_threads()}", f"torch:           {torch.__version__}",
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
              f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}",
-             f"full-res convs:  {full_resolution_convs(choice)}", f"deeper convs:    {half_resolution_convs(choice)}"]
+             f"full-res convs:  {full_resolution_convs(choice)}", f"deeper convs:    {half_resolution_convs(choice)}",
+             f"int8 3x3 convs:  {int8_convs(choice)}"]
     width = max(map(len, choice.ms), default=0)
     lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
