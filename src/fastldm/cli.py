@@ -525,8 +525,9 @@ def info(path, allow_pickle, runtime, threads, memory, memory_budget, quant) -> 
         compute = default_dtype(cpu, config) if choice is None else choice.torch_dtype
         wino = 0 if choice is None else winograd_wanted(choice.packed_kinds, cpu, compute,
                                                         len(config.unet.block_out_channels))
-        click.echo(MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant,
-                                 winograd=wino).plan.describe())
+        click.echo(MemoryPlanner(config, memory, memory_budget, compute=compute, quant=quant, winograd=wino,
+                                 int8_winograd=choice is not None and choice.int8_winograd == "faster"
+                                 ).plan.describe())
     if runtime:
         click.echo("runtime:         (not measured for pickle files; convert the checkpoint to safetensors)"
                    if choice is None else tuning.describe(choice))
