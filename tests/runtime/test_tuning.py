@@ -243,7 +243,7 @@ def test_info_plans_with_the_cached_choice(monkeypatch):
 @pytest.mark.parametrize("wino_ms,verdict", [(0.5, "faster"), (2.0, "slower")])
 def test_int8_winograd_is_measured_on_the_first_levels_convolution(monkeypatch, wino_ms, verdict):
     """Where int8 and F(2×2)'s transforms are available: oneDNN's int8 convolution against int8 Winograd at SD 1.5's
-    first level (320 channels, 64×64, CFG batch 2), said in `fastldm info --runtime` and the PNG's Version."""
+    first level (320 channels, 64×64, CFG batch 2), said in `fastldm info --runtime`."""
     from fastldm.runtime import quant
 
     if quant.winograd_unavailable() is not None:
@@ -253,7 +253,6 @@ def test_int8_winograd_is_measured_on_the_first_levels_convolution(monkeypatch, 
     choice = tuning.measure(PRESETS["sd1"])
     assert choice.int8_winograd == verdict and choice.ms["conv 320x64x64 int8 winograd"] == wino_ms
     assert {"Int8Conv2d bfloat16", "Int8WinogradConv2d bfloat16"} <= set(calls)
-    assert ("int8 Winograd convs" in str(choice)) == (verdict == "faster")
     assert tuning.int8_convs(choice).startswith("Winograd" if verdict == "faster" else "oneDNN's int8")
     assert "int8 3x3 convs:" in tuning.describe(choice)
     monkeypatch.setattr(tuning, "int8_winograd_unavailable", lambda: "no oneDNN int8 here")

@@ -93,8 +93,7 @@ class RuntimeChoice:
         packed = [name for kind, name in (("conv", "convs"), ("linear", "linears")) if kind in self.packed_kinds]
         return (f"cpu {self.dtype}; attention {self.attention}" + (f"; packed {', '.join(packed)}" if packed else "")
                 + ("" if "winograd" not in self.packed_kinds else "; Winograd full-resolution convs"
-                   if "winograd2" not in self.packed_kinds else "; Winograd convs at every level that fits")
-                + ("; int8 Winograd convs" if self.int8_winograd == "faster" else ""))
+                   if "winograd2" not in self.packed_kinds else "; Winograd convs at every level that fits"))
 
 
 def cache_dir() -> Path:
