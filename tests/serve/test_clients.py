@@ -6,6 +6,7 @@ against the plain server and, marked `ray`, against `fastldm serve --ray` with 2
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -35,13 +36,16 @@ SEED, STEPS = 11, 6
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """`fastldm generate` for PROMPT, started at once (it runs while the server starts)."""
+    """`fastldm generate` for PROMPT, started at once; `image()` waits for it. The server starts after it has ended,
+    so both read one tuning measurement from the shared cache: measured at once by two processes on a loaded
+    machine, the runtime choices (and so the PNG's Version line) could differ."""
     out = tmp_path_factory.mktemp("generate")
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-m", "fastldm.cli", "generate", PROMPT, "--seed", str(SEED),
                              "--steps", str(STEPS), "--size", "64x64", "--sampler", "DPM++ 2M", "--threads", "1",
                              "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
+    @functools.cache
     def image() -> Image.Image:
         output = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, output
@@ -58,6 +62,7 @@ RAY = ("--ray", "--replicas", "2", "--cpus-per-replica", "1")
 def server(request, tmp_path_factory, reference):
     if request.param == "ray":
         pytest.importorskip("ray")
+    reference()  # the generate run has measured and cached the tuning the server's workers then read
     models = tmp_path_factory.mktemp("models")
     from fastldm.api import EMBEDDED_MODEL
 
