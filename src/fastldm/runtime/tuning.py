@@ -226,15 +226,21 @@ def _int8(shapes: dict, ms: dict, repeats: int, g: torch.Generator) -> str:
     return "faster" if ms["linear int8"] < ms["linear fp32"] else "slower"
 
 
+def _conv_case(C: int, S: int, dtype: torch.dtype, g: torch.Generator) -> tuple[torch.nn.Conv2d, torch.Tensor]:
+    """A C -> C 3×3 convolution in `dtype` with weights N(0, 1/(9C)) and its input: CFG batch 2 at S×S,
+    channels_last (the UNet's CPU layout)."""
+    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
+    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
+    conv.bias.zero_()
+    return conv, torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 def _packing(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
     why = unpackable(dtype)
     if why is not None:
         return f"unavailable: {why}"
     C, S = shape
-    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
-    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
-    conv.bias.zero_()
-    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_case(C, S, dtype, g)
     ms[f"conv {C}x{S}x{S} plain"] = plain = autotune.time_ms(conv, (x,), {}, torch.device("cpu"), repeats)
     # The warm-up call packs, as a pipeline's first call does; the timed calls run packed. The probe in
     # `unpackable` is a 1×1 weight: a CPU whose oneDNN packs that but not this layer keeps its weights plain.
@@ -270,10 +276,7 @@ def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int
     if why is not None:
         return f"unavailable: {why}"
     C, S = shape
-    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
-    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
-    conv.bias.zero_()
-    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_case(C, S, dtype, g)
     # What a full-resolution layer runs otherwise: packed where oneDNN packs it here, else plain.
     direct = None
     if unpackable(dtype) is None:
@@ -294,10 +297,7 @@ def _int8_winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats
     if why is not None:
         return f"unavailable: {why}"
     C, S = shape
-    conv = torch.nn.utils.skip_init(torch.nn.Conv2d, C, C, 3, padding=1, dtype=dtype).requires_grad_(False)
-    conv.weight.copy_(torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5))
-    conv.bias.zero_()
-    x = torch.randn(2, C, S, S, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    conv, x = _conv_case(C, S, dtype, g)
     quantize = fused_quantizer()
     for name, cls in (("int8", Int8Conv2d), ("int8 winograd", Int8WinogradConv2d)):
         ms[f"conv {C}x{S}x{S} {name}"] = autotune.time_ms(cls(conv, quantize, dtype), (x,), {}, torch.device("cpu"),
