@@ -32,6 +32,8 @@ KEY = "test-key"
 ORIGIN = "http://page.example"
 PROMPT = "a red cube left of a blue sphere"
 SEED, STEPS = 11, 6
+LONG = 1000   # steps of a job that must still be running when the test acts on it (the server allows 1000): a
+              # 150-step 64x64 job lasts ~2 s, which Ray's hops on a loaded 2-core CI box can use up
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ def server(request, tmp_path_factory, reference):
     from fastldm.api import EMBEDDED_MODEL
 
     (models / "shapes-copy").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
-    proc = ServerProcess("--threads", "1", "--api-key", KEY, "--cors-origin", ORIGIN, "--max-batch", "2", "--models-dir", str(models),
+    proc = ServerProcess("--threads", "1", "--api-key", KEY, "--cors-origin", ORIGIN, "--max-batch", "2",
+                         "--max-steps", str(LONG), "--models-dir", str(models),
                          *(RAY if request.param == "ray" else ()),
                          log=tmp_path_factory.mktemp("server") / "server.log")
     proc.kind = request.param
@@ -132,15 +135,15 @@ def test_webuiapi_img2img_samplers_and_models(a1111, reference):
 def test_webuiapi_progress_while_a_job_runs(a1111):
     done = {}
     worker = threading.Thread(target=lambda: done.setdefault("r", a1111.txt2img(
-        prompt=PROMPT, seed=1, steps=150, width=64, height=64)))
+        prompt=PROMPT, seed=1, steps=LONG, width=64, height=64)))
     worker.start()
     progress = wait_until(lambda: (p := a1111.get_progress())["current_image"] and p["progress"] > 0 and p)
-    assert progress["state"]["job_count"] == 1 and 0 < progress["state"]["sampling_step"] < 150
-    assert progress["eta_relative"] > 0 and progress["state"]["sampling_steps"] == 150
+    assert progress["state"]["job_count"] == 1 and 0 < progress["state"]["sampling_step"] < LONG
+    assert progress["eta_relative"] > 0 and progress["state"]["sampling_steps"] == LONG
     assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (64, 64)
     a1111.interrupt()                    # A1111: end the running job with what it has
     worker.join(120)
-    assert done["r"].image.size == (64, 64) and done["r"].info["steps"] < 150
+    assert done["r"].image.size == (64, 64) and done["r"].info["steps"] < LONG
     a1111.util_wait_for_ready(check_interval=0.1)
 
 
@@ -184,7 +187,7 @@ def test_cors_preflight(server):
 
 
 def test_cancel_cancels_that_job_only(http):
-    slow = http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 150, "width": 64, "height": 64}).json()
+    slow = http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": LONG, "width": 64, "height": 64}).json()
     quick = http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 8, "width": 64, "height": 64}).json()
     assert http.post(f"{slow['url']}/cancel").json()["status"] == "cancelled"
     assert wait_until(lambda: (v := http.get(quick["url"]).json())["status"] == "done" and v)["result"]
@@ -218,7 +221,7 @@ def test_a_client_that_disconnects_loses_its_job(server, http):
     health = lambda: http.get("/healthz").json()
     before = counter(http, "fastldm_disconnects_total"), counter(http, 'fastldm_jobs_total{outcome="cancelled"}')
     workers = 2 if server.kind == "ray" else 1        # each gets one job that fills its --max-batch 2
-    full = [http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": 150, "n": 2, "width": 64,
+    full = [http.post("/fastldm/v1/jobs", json={"prompt": PROMPT, "steps": LONG, "n": 2, "width": 64,
                                                 "height": 64}).json() for _ in range(workers)]
     wait_until(lambda: health()["running"] == workers)
     queued = raw_request(server, "/v1/images/generations", {"prompt": PROMPT, "size": "64x64", "steps": 4})
@@ -228,7 +231,7 @@ def test_a_client_that_disconnects_loses_its_job(server, http):
     for job in full:
         http.post(f"{job['url']}/cancel")
     wait_until(lambda: health()["running"] == 0)
-    running = raw_request(server, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": 150, "width": 64, "height": 64})
+    running = raw_request(server, "/sdapi/v1/txt2img", {"prompt": PROMPT, "steps": LONG, "width": 64, "height": 64})
     wait_until(lambda: health()["running"] == 1)
     running.close()                                                 # leaves the batch at the next step
     wait_until(lambda: health()["running"] == 0, timeout=30)
@@ -240,7 +243,7 @@ def test_zz_ctrl_c_answers_waiting_clients_and_exits(server, a1111):
     """Last: stops the module's server."""
     errors = []
     waiting = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, a1111.txt2img, prompt=PROMPT,
-                                                                          steps=150, width=64, height=64)))
+                                                                          steps=LONG, width=64, height=64)))
     waiting.start()
     wait_until(lambda: httpx.get(f"{server.url}/healthz").json()["running"] == 1)
     started = time.monotonic()

@@ -135,6 +135,17 @@ def test_preview_follows_the_running_job(scheduler):
     sched.cancel(job)
 
 
+def test_eta_is_known_from_the_first_step(scheduler):
+    """A progress poll between a fresh worker's first step and its timing (the step's callback runs inside it)
+    still gets an estimate: the job's own time per step."""
+    sched = scheduler()
+    job = sched.submit(None, GenerationRequest("a red cube", steps=5, seed=1, width=64, height=64))
+    etas = []
+    job.subscribe(lambda ev: ev["event"] == "step" and etas.append((ev["step"], sched.eta(job))))
+    ended(job)
+    assert etas and all(eta is not None and (eta > 0 or step == 5) for step, eta in etas), etas
+
+
 def test_cancel_while_the_worker_starts_the_job(scheduler, monkeypatch):
     """The moment the worker has taken a job from the queue and is starting it (encoding its prompt: the job is
     in neither the queue nor the batch), made long here, is no exception: cancel ends it."""

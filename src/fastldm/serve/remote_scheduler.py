@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from ..errors import Cancelled, FastLDMError, QueueFull, ShuttingDown, WorkerLost
@@ -38,7 +39,8 @@ class _Follow:
     job: ServeJob
     stream: object              # the client's message iterator
     model_hash: str
-    eta_s: float | None = None
+    eta_s: float | None = None   # as the worker said at its last step message, `eta_at` (time.monotonic())
+    eta_at: float = 0.0
 
 
 class RemoteScheduler:
@@ -101,6 +103,7 @@ class RemoteScheduler:
             job.emit("started")
         elif isinstance(message, m.Step):
             job.step, job.steps, job.x0, follow.eta_s = message.step, message.steps, message.x0, message.eta_s
+            follow.eta_at = time.monotonic()
             job.emit("step", step=job.step, steps=job.steps)
         elif isinstance(message, m.Done):
             job.result, job.infotexts, job.model_hash = message.result, message.infotexts, follow.model_hash
@@ -154,7 +157,9 @@ class RemoteScheduler:
     def eta(self, job: ServeJob) -> float | None:
         with self._lock:
             follow = self._follows.get(job.id)
-        return None if follow is None or job.status != "running" else follow.eta_s
+        if follow is None or job.status != "running" or follow.eta_s is None:
+            return None
+        return max(follow.eta_s - (time.monotonic() - follow.eta_at), 0.0)
 
     def queued(self) -> list[ServeJob]:
         return [j for j in self._jobs() if j.status == "queued"]

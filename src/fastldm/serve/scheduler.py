@@ -126,8 +126,12 @@ class Worker:
             return not self._queue and not self._running and self.pins == 0
 
     def eta(self, job: ServeJob) -> float | None:
-        """Seconds until `job` (running) is done, from the measured step time."""
-        return None if self.step_seconds is None else (job.steps - job.step) * self.step_seconds
+        """Seconds until `job` (running) is done, from the measured step time; before the first step is timed
+        (its callback runs inside it), from the job's own time per step so far, as A1111 estimates."""
+        per_step = self.step_seconds
+        if per_step is None and job.step > 0 and job.started is not None:
+            per_step = (time.time() - job.started) / job.step
+        return None if per_step is None else (job.steps - job.step) * per_step
 
     # ---- the worker thread --------------------------------------------------------------------------------
 
