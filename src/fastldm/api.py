@@ -99,6 +99,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
     packed_kinds -= {"linear", "winograd", "winograd2"} if compile else set()
     # An int8 UNet's 3×3 convolutions as Winograd F(2×2) with int8 GEMMs, where tuning measured that faster.
     int8_winograd = quant == "int8" and choice is not None and choice.int8_winograd == "faster"
+    int8_attention = quant == "int8" and choice is not None and choice.int8_attention == "faster"
     planner = None
     if memory is not None or memory_budget is not None:
         config = read_config(path, prediction_type)
@@ -129,7 +130,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: str | t
         widening."""
         optimize(found, device, quant=None if while_reading else quant, dtype=compute,
                  pack=frozenset() if while_reading or "unet" in storage else packed_kinds,
-                 winograd_levels=None if planner is None else planner.winograd_levels, int8_winograd=int8_winograd)
+                 winograd_levels=None if planner is None else planner.winograd_levels, int8_winograd=int8_winograd,
+                 int8_attention=int8_attention)
         for name in found:
             if name == "unet" and while_reading:
                 found[name].to(compute)  # what int8 leaves in float (norms, skipped layers) computes in fp32

@@ -145,6 +145,31 @@ def test_int8_winograd_unet_stays_close_to_bf16():
     assert (b - ref).abs().max() <= 3 * (a - ref).abs().max() + 0.01 * ref.abs().max()
 
 
+def test_int8_attention_unet_stays_close_to_bf16():
+    """optimize(int8_attention=True) gives an int8 UNet's attention layers int8 GEMMs (ops/int8_attention_cpu.py):
+    the first level's self-attention (256 tokens) runs it, and the output stays as close to bf16 as the int8
+    UNet's own."""
+    from fastldm.ops import int8_attention_cpu
+
+    if int8_attention_cpu.unavailable() is not None:
+        pytest.skip(int8_attention_cpu.unavailable())
+    model = tiny_unet(torch.bfloat16)
+    cpu = torch.device("cpu")
+    plain = optimize.optimize({"unet": copy.deepcopy(model)}, cpu, quant="int8", dtype=torch.bfloat16)["unet"]
+    int8 = optimize.optimize({"unet": copy.deepcopy(model)}, cpu, quant="int8", dtype=torch.bfloat16,
+                             int8_attention=True)["unet"]
+    layers = [m for m in int8.modules() if isinstance(m, optimize.Attention)]
+    assert layers and all(m.backend == int8_attention_cpu.BACKEND for m in layers)
+    assert all(m.backend is None for m in plain.modules() if isinstance(m, optimize.Attention))
+    x, t, ctx = unet_inputs()
+    with torch.inference_mode():
+        ref = model(x.bfloat16(), t, ctx.bfloat16()).float()
+        a, b = plain(x.bfloat16(), t, ctx.bfloat16()).float(), int8(x.bfloat16(), t, ctx.bfloat16()).float()
+    span = ref.max() - ref.min()
+    db = lambda y: psnr((y - ref.min()) / span, (ref - ref.min()) / span)
+    assert not torch.equal(a, b) and db(b) > 35 and db(b) > db(a) - 3
+
+
 def test_quantize_activation_roundtrip():
     x = torch.nn.functional.silu(torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3)
     q, scale, zero = quant.quantize_activation(x)

@@ -62,7 +62,9 @@ def test_bf16_measured_faster_is_taken_and_native_bf16_is_not_measured(monkeypat
 def test_fastest_attention_backend_wins(monkeypatch):
     _fake_cpu(monkeypatch, {"avx512f", "avx512_bf16"})
     others = {f"{b}.attention bfloat16": 10.0 for b in ("reference", "flash_attention_cpu", "blocked_attention")}
-    _fake_times(monkeypatch, others | {"blocked_attention.attention bfloat16": 2.0})
+    # int8 attention, faster still, is an int8 UNet's choice (its own verdict), never the float model's
+    _fake_times(monkeypatch, others | {"blocked_attention.attention bfloat16": 2.0,
+                                       "int8_attention_cpu.attention bfloat16": 0.5})
     choice = tuning.measure(PRESETS["sd1"])
     assert choice.attention == "blocked" and choice.preferred() == {("attention", "cpu", choice.torch_dtype):
                                                                      "blocked"}
@@ -241,9 +243,9 @@ def test_info_plans_with_the_cached_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("wino_ms,verdict", [(0.5, "faster"), (2.0, "slower")])
-def test_int8_winograd_is_measured_on_the_first_levels_convolution(monkeypatch, wino_ms, verdict):
+def test_int8_winograd_is_measured_on_the_first_levels_convolutions(monkeypatch, wino_ms, verdict):
     """Where int8 and F(2×2)'s transforms are available: oneDNN's int8 convolution against int8 Winograd at SD 1.5's
-    first level (320 channels, 64×64, CFG batch 2), said in `fastldm info --runtime`."""
+    first two levels (320 channels at 64×64, 640 at 32×32, CFG batch 2), summed; said in `fastldm info --runtime`."""
     from fastldm.runtime import quant
 
     if quant.winograd_unavailable() is not None:
@@ -252,8 +254,30 @@ def test_int8_winograd_is_measured_on_the_first_levels_convolution(monkeypatch, 
     calls = _fake_times(monkeypatch, {"Int8WinogradConv2d bfloat16": wino_ms})
     choice = tuning.measure(PRESETS["sd1"])
     assert choice.int8_winograd == verdict and choice.ms["conv 320x64x64 int8 winograd"] == wino_ms
+    assert choice.ms["conv 640x32x32 int8 winograd"] == wino_ms and "conv 640x32x32 int8" in choice.ms
     assert {"Int8Conv2d bfloat16", "Int8WinogradConv2d bfloat16"} <= set(calls)
     assert tuning.int8_convs(choice).startswith("Winograd" if verdict == "faster" else "oneDNN's int8")
     assert "int8 3x3 convs:" in tuning.describe(choice)
     monkeypatch.setattr(tuning, "int8_winograd_unavailable", lambda: "no oneDNN int8 here")
     assert tuning.measure(PRESETS["sd1"]).int8_winograd == "unavailable: no oneDNN int8 here"
+
+
+@pytest.mark.parametrize("int8_ms,verdict", [(0.5, "faster"), (2.0, "slower")])
+def test_int8_attention_is_measured_against_the_float_choice(monkeypatch, int8_ms, verdict):
+    """The first-level self-attention (4096 tokens, head dim 40 for SD 1.5) in int8 against the backend the float
+    model chose, timed beside it; `fastldm.load(quant="int8")` then gives the UNet's attention layers int8."""
+    from fastldm.ops import int8_attention_cpu
+
+    if int8_attention_cpu.unavailable() is not None:
+        pytest.skip(int8_attention_cpu.unavailable())
+    _fake_cpu(monkeypatch, {"avx2", "avx512_bf16"})
+    calls = _fake_times(monkeypatch, {"int8_attention_cpu.attention bfloat16": int8_ms,
+                                      "blocked_attention.attention bfloat16": 0.9})
+    choice = tuning.measure(PRESETS["sd1"])
+    assert choice.attention == "blocked" and choice.int8_attention == verdict
+    assert choice.ms["attention blocked (beside int8)"] == 0.9 and choice.ms["attention int8_cpu"] == int8_ms
+    assert calls.count("int8_attention_cpu.attention bfloat16") == 1      # never among the float candidates
+    assert tuning.int8_attention(choice).startswith("int8 GEMMs" if verdict == "faster" else "as the float")
+    assert "int8 attention:" in tuning.describe(choice)
+    monkeypatch.setattr(tuning, "int8_unsupported", lambda: "no oneDNN int8 here")
+    assert tuning.measure(PRESETS["sd1"]).int8_attention == "unavailable: no oneDNN int8 here"

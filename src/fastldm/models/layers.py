@@ -78,6 +78,7 @@ class Attention(nn.Module):
                  upcast: bool = False):
         super().__init__()
         self.heads, self.upcast = heads, upcast
+        self.backend: str | None = None  # an attention backend tried first where it can (an int8 UNet's int8 one)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=qkv_bias)
@@ -95,7 +96,7 @@ class Attention(nn.Module):
             kv = heads(self.to_k(ctx)), heads(self.to_v(ctx))
             if cache is not None:
                 cache.put(self, context, *kv)
-        out = ops.attention(heads(self.to_q(x)), *kv, upcast=self.upcast)  # (B, H, N, D)
+        out = ops.attention(heads(self.to_q(x)), *kv, upcast=self.upcast, prefer=self.backend)  # (B, H, N, D)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))
 
 

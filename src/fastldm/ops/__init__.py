@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import blocked_attention, flash_attention_cpu, geglu_cpu, reference, winograd, winograd_cpu
+from . import blocked_attention, flash_attention_cpu, geglu_cpu, int8_attention_cpu, reference, winograd, winograd_cpu
 from .registry import BackendUnavailable, Kernels, active, backends, dispatch, prefer, register, select, use, using
 
 for _op in ("attention", "group_norm", "gelu", "geglu", "conv2d"):
@@ -16,6 +16,8 @@ register("attention", "blocked", blocked_attention.attention, blocked_attention.
 # Flash attention in C++ (built on first use): beats torch's kernel in fp32 at SD's shapes (measured on AVX2,
 # see its file); below "blocked", which has the measurements on native-bf16 CPUs.
 register("attention", "flash_cpu", flash_attention_cpu.attention, flash_attention_cpu.supports, priority=-10)
+# int8 GEMMs trade accuracy for speed: below the reference, so only an int8 UNet's layers (or `use()`) pick it.
+register("attention", int8_attention_cpu.BACKEND, int8_attention_cpu.attention, int8_attention_cpu.supports, priority=-150)
 # GEGLU in one C++ pass (built on first use): 1.4-2.2x the reference's three passes at SD's shapes, one rounding.
 register("geglu", "fused_cpu", geglu_cpu.geglu, geglu_cpu.supports, priority=0)
 
@@ -23,9 +25,10 @@ from . import triton  # noqa: E402,F401  (registers the Triton kernels when trit
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              upcast: bool = False) -> torch.Tensor:
-    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, H, Nq, D)."""
-    return dispatch("attention", q, k, v, causal=causal, upcast=upcast)
+              upcast: bool = False, prefer: str | None = None) -> torch.Tensor:
+    """q (B, H, Nq, D), k, v (B, H, Nk, D) -> (B, H, Nq, D). prefer: a backend tried first where it can run the
+    call and no backend is forced (a layer's own choice, before the selection's preferences)."""
+    return dispatch("attention", q, k, v, causal=causal, upcast=upcast, _prefer=prefer)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, act: str | None = None):

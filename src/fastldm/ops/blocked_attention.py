@@ -71,19 +71,26 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_softmax: 
     """q (B, H, N, D), k and v (B, H, M, D) -> (B, N, H, D); the scores normalised by softmax_cpu's kernel
     if `native_softmax`, else by torch's."""
     B, H, N, D = q.shape
-    rows = block_rows(k.shape[2], torch.get_num_threads())
+    M = k.shape[2]
+    rows = min(N, block_rows(M, torch.get_num_threads()))
     q = q * D ** -0.5                               # (B, H, N, D), the scale applied once
     pad = -D % 16                                   # P·v with D = 40 columns: pad v to 48 (see above)
     out = torch.empty(B, N, H, D, dtype=q.dtype)   # (B, N, H, D)
     if native_softmax and softmax_cpu.unavailable() is not None:  # also loads the library on a direct call
         raise BackendUnavailable(softmax_cpu.unavailable())
-    softmax_ = torch.ops.fastldm.softmax_cpu_ if native_softmax else lambda s: s.softmax(-1)
+    softmax_ = torch.ops.fastldm.softmax_cpu_ if native_softmax else lambda s: s.copy_(s.softmax(-1))
+    # One block's buffers, reused: a fresh multi-MB tensor per block pays its page faults every time (3-10 %
+    # of a call at SD 1.5's shapes).
+    scores = torch.empty(rows, M, dtype=q.dtype)   # (R, M)
+    pv = torch.empty(rows, D + pad, dtype=q.dtype)  # (R, D + pad)
     for b in range(B):
         for h in range(H):
             kt, vh = k[b, h].T, F.pad(v[b, h], (0, pad))  # (D, M), (M, D + pad)
             for i in range(0, N, rows):
-                scores = torch.mm(q[b, h, i:i + rows], kt)                # (R, M)
-                out[b, i:i + rows, h] = torch.mm(softmax_(scores), vh)[:, :D]  # (R, D)
+                r = min(rows, N - i)
+                torch.mm(q[b, h, i:i + r], kt, out=scores[:r])          # (r, M)
+                torch.mm(softmax_(scores[:r]), vh, out=pv[:r])         # (r, D + pad)
+                out[b, i:i + r, h] = pv[:r, :D]
     return out
 
 

@@ -103,6 +103,14 @@ def register(op: str, name: str, fn: Callable, supports: Callable[..., str | Non
     _backends[op] = sorted(lst, key=lambda b: -b.priority)
 
 
+def backend(op: str, name: str) -> Backend:
+    """Backend `name` of `op`; ValueError if there is none."""
+    found = next((b for b in _backends.get(op, ()) if b.name == name), None)
+    if found is None:
+        raise ValueError(f"no backend {name!r} for op {op!r}")
+    return found
+
+
 def backends(op: str) -> list[str]:
     """Names of the backends registered for `op`, in `auto` order."""
     return [b.name for b in _backends[op]]
@@ -131,13 +139,13 @@ def _preferred_backend(op: str, device_type: str, dtype: torch.dtype) -> str | N
     return _active.get().preferred.get((op, device_type, dtype))
 
 
-def _auto_order(op: str, args: tuple) -> list[Backend]:
-    """The order `auto` tries backends in: the preferred one for this call first, then by priority."""
+def _auto_order(op: str, args: tuple, layer: str | None = None) -> list[Backend]:
+    """The order `auto` tries backends in: the calling layer's choice, then the preferred one for this call,
+    then by priority."""
     first = args[0] if args else None
-    if not isinstance(first, torch.Tensor):
-        return _backends[op]
-    name = _preferred_backend(op, first.device.type, first.dtype)
-    return _backends[op] if name is None else sorted(_backends[op], key=lambda b: b.name != name)
+    name = None if not isinstance(first, torch.Tensor) else _preferred_backend(op, first.device.type, first.dtype)
+    firsts = [n for n in (layer, name) if n is not None]
+    return sorted(_backends[op], key=lambda b: firsts.index(b.name) if b.name in firsts else len(firsts))
 
 
 @torch.compiler.assume_constant_result
@@ -147,7 +155,9 @@ def _forced_backend(op: str) -> str | None:
     return _active.get().forced.get(op)
 
 
-def dispatch(op: str, *args, **kwargs):
+def dispatch(op: str, *args, _prefer: str | None = None, **kwargs):
+    """Run `op` on the backend the selection picks (see the module's docstring); `_prefer`: a backend the calling
+    layer tries first where it supports the call and none is forced."""
     forced = _forced_backend(op)
     if forced is not None:
         backend = next((b for b in _backends[op] if b.name == forced), None)
@@ -159,18 +169,18 @@ def dispatch(op: str, *args, **kwargs):
             raise BackendUnavailable(f"backend {forced!r} cannot run {op}: {why}; "
                                      f"choose another with fastldm.ops.use(...)")
         return backend.fn(*args, **kwargs)
-    for backend in _auto_order(op, args):
+    for backend in _auto_order(op, args, _prefer):
         if backend.supports(*args, **kwargs) is None:
             return backend.fn(*args, **kwargs)
     raise BackendUnavailable(f"no backend can run {op} for this input")  # unreachable: reference applies
 
 
-def select(op: str, *args, **kwargs) -> str:
+def select(op: str, *args, _prefer: str | None = None, **kwargs) -> str:
     """The name of the backend `dispatch` would use for this call (for tests and reports)."""
     forced = _active.get().forced.get(op)
     if forced is not None:
         return forced
-    return next(b.name for b in _auto_order(op, args) if b.supports(*args, **kwargs) is None)
+    return next(b.name for b in _auto_order(op, args, _prefer) if b.supports(*args, **kwargs) is None)
 
 
 def use(backend: str | None = None, **per_op: str):

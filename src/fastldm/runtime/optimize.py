@@ -11,7 +11,8 @@ On CPU (defaults, each measured in docs/benchmarks.md, "CPU fast path"):
   for SD 1.5); in a bf16 one F(2×2, 3×3) in bf16 (1.6-1.9× native bf16 oneDNN per layer from 64² to 16² on an
   AVX-512 bf16 EPYC), at full resolution and, where that measured faster too, at every level below whose
   transforms fit (+1.3 GiB for SD 1.5);
-- `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead.
+- `quant="int8"`: the UNet's convs and linears as int8 oneDNN kernels (runtime/quant.py), instead, and its
+  attention with int8 GEMMs (ops/int8_attention_cpu.py) where that measured faster here.
 The weights' dtype is chosen at load time (`device.default_dtype`), so they are converted once. Process-wide
 settings (threads, allocator, the compile cache's folder) are not made here: the CLI and the server set them
 once, explicitly (`device.configure_process`); a library call changes only the objects it returns.
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable, SettingError
+from ..models.layers import Attention
+from ..ops.int8_attention_cpu import BACKEND as INT8_ATTENTION
 from .prepack import KINDS, prepack
 from .prepack import unsupported as unpackable
 from .quant import quantize_int8
@@ -40,7 +43,8 @@ def layout(name: str, module: nn.Module, device: torch.device) -> nn.Module:
 
 def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str | None = None,
              dtype: torch.dtype | None = None, pack: frozenset[str] = KINDS,
-             winograd_levels: int | None = None, int8_winograd: bool = False) -> dict[str, nn.Module]:
+             winograd_levels: int | None = None, int8_winograd: bool = False,
+             int8_attention: bool = False) -> dict[str, nn.Module]:
     """Apply the runtime choices to `modules` ({"text_encoder", "unet", "vae", ...}, any of them) in place;
     returns them. dtype: what an int8 UNet computes and returns (default: its weights' dtype; a memory plan
     loads it in fp16 to quantize, and computes in fp32). pack: which of a float UNet's layers to prepack on CPU,
@@ -49,7 +53,9 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
     runtime/winograd_conv.py); the caller passes none where the weights are stored in 16 bits and widened per call,
     and only the kinds the machine's tuning measured faster. winograd_levels: at most that many levels as
     Winograd (a memory plan's choice; default: as many as `pack` asks for). int8_winograd: with `quant="int8"`, the
-    UNet's 3×3 convolutions as Winograd F(2×2) with int8 GEMMs (runtime/quant.py; where tuning measured it faster)."""
+    UNet's 3×3 convolutions as Winograd F(2×2) with int8 GEMMs (runtime/quant.py; where tuning measured it faster).
+    int8_attention: the UNet's attention layers prefer int8 GEMMs (ops/int8_attention_cpu.py) where they can run
+    them; for an int8 UNet (with `quant="int8"`, or quantized while read), where tuning measured it faster."""
     if quant not in QUANT_MODES:
         raise SettingError(f"unknown quantization {quant!r}; use one of: int8 (or none)")
     for name in ("unet", "vae"):
@@ -68,6 +74,10 @@ def optimize(modules: dict[str, nn.Module], device: torch.device, *, quant: str 
         if levels:  # before prepack: these layers are no longer nn.Conv2d
             use_winograd(modules["unet"], levels if winograd_levels is None else min(levels, winograd_levels))
         prepack(modules["unet"], kinds - {"winograd", "winograd2"})
+    if int8_attention and "unet" in modules:
+        for m in modules["unet"].modules():
+            if isinstance(m, Attention):
+                m.backend = INT8_ATTENTION
     return modules
 
 

@@ -12,9 +12,13 @@ candidates that matter on the model's real shapes, for a few seconds:
                 its default size, in the chosen dtype (and stays within 2 % of the reference's output)
     int8        whether oneDNN's int8 kernels exist here and how a quantized linear compares (reported; int8
                 changes the images, so it stays the user's choice)
-    int8 winograd  where int8 runs: the first level's 3×3 convolution at its full resolution as oneDNN's int8
+    int8 winograd  where int8 runs: the first two levels' 3×3 convolutions (at full and half resolution; the
+                first alone is Winograd's weakest case, within timing noise on an AVX-512 EPYC) as oneDNN's int8
                 convolution against Winograd F(2×2, 3×3) with int8 GEMMs (runtime/quant.py
                 `Int8WinogradConv2d`), which `quant="int8"` then runs for every 3×3 convolution where faster
+    int8 attention  where int8 runs: the first-level self-attention in the chosen float backend against int8
+                GEMMs (ops/int8_attention_cpu.py), which an int8 UNet's attention layers then run where faster
+                (never the float path's: its error is an int8 model's, not the 2 % the float backends keep to)
     conv pack   the UNet's deepest 3×3 convolution at its real shape (CFG batch 2, the default size), plain
                 against its weight packed for oneDNN (runtime/prepack.py): the deep levels are where packing
                 pays (1.7× at SD 1.5's 4² latents on an AVX2 EPYC) or does not, and `fastldm.load` packs only
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..files import atomic_write_bytes, cache_root
 from ..ops import autotune, registry
+from ..ops.int8_attention_cpu import BACKEND as INT8_ATTENTION   # an int8 UNet's choice, never a float one's
 from .device import BF16_MIN_CHANNELS, cpu_info
 from .prepack import MAX_ROWS, PackedConv2d, PackedLinear
 from .prepack import unsupported as unpackable
@@ -58,7 +63,7 @@ from .quant import winograd_unavailable as int8_winograd_unavailable
 from .winograd_conv import WinogradConv2d, algorithm
 from .winograd_conv import unavailable as winograd_unavailable
 
-FORMAT = "fastldm-tuning-8"
+FORMAT = "fastldm-tuning-9"
 MAX_REL_ERR = 0.02      # an attention backend further than this from the reference is not a candidate
 
 
@@ -72,6 +77,7 @@ class RuntimeChoice:
     winograd: str = "unavailable: not measured"  # full-resolution convs as Winograd rather than packed: the same
     winograd2: str = "unavailable: not measured"  # the deeper levels' convs as Winograd too: the same
     int8_winograd: str = "unavailable: not measured"  # an int8 UNet's 3×3 convs as int8 Winograd F(2×2): the same
+    int8_attention: str = "unavailable: not measured"  # an int8 UNet's attention with int8 GEMMs: the same
     ms: dict = field(default_factory=dict)       # what was timed: {label: median ms}
     key: str = ""
 
@@ -188,18 +194,24 @@ def measure(config: ModelConfig, key: str = "", repeats: int = 2) -> RuntimeChoi
                                     "an fp32 model's weights leave no room for more transformed ones"))
     else:
         wino2 = _winograd(shapes["half conv"], dtype, ms, max(repeats, 5), g)
-    int8_wino = _int8_winograd(shapes["full conv"], dtype, ms, max(repeats, 5), g)
+    int8_wino = _int8_winograd((shapes["full conv"], shapes["half conv"]), dtype, ms, max(repeats, 5), g)
+    int8_attention = _int8_attention(shapes["attention"], dtype, attention, ms, max(repeats, 3), g)
     return RuntimeChoice("bf16" if dtype == torch.bfloat16 else "fp32", attention, int8, pack, pack_linear, wino,
-                         wino2, int8_wino, {k: round(v, 3) for k, v in ms.items()}, key)
+                         wino2, int8_wino, int8_attention, {k: round(v, 3) for k, v in ms.items()}, key)
+
+
+def _attention_case(shape, dtype, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """q, k, v (1, 2, N, D) for `shape` (N, D): 2 heads of one image, as the UNet's transposed (B, N, H, D) views."""
+    N, D = shape
+    return tuple(torch.randn(1, N, 2, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
 
 
 def _fastest_attention(shape, dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
-    N, D = shape
-    q, k, v = (torch.randn(1, N, 2, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))  # (1, 2, N, D)
+    q, k, v = _attention_case(shape, dtype, g)
     best, ref = None, None
     with torch.inference_mode():
         for backend in autotune.candidates("attention", torch.device("cpu")):
-            if backend.supports(q, k, v) is not None:
+            if backend.name == INT8_ATTENTION or backend.supports(q, k, v) is not None:
                 continue
             out = backend.fn(q, k, v).float()
             ref = out if ref is None else ref
@@ -292,17 +304,34 @@ def _winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int
     return "faster" if t < direct else "slower"
 
 
-def _int8_winograd(shape: tuple[int, int], dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
+def _int8_winograd(shapes, dtype: torch.dtype, ms: dict, repeats: int, g: torch.Generator) -> str:
+    """Int8 Winograd against oneDNN's int8 convolution over the convolutions of `shapes` ((C, S) each), summed."""
     why = int8_winograd_unavailable()
     if why is not None:
         return f"unavailable: {why}"
-    C, S = shape
-    conv, x = _conv_case(C, S, dtype, g)
     quantize = fused_quantizer()
-    for name, cls in (("int8", Int8Conv2d), ("int8 winograd", Int8WinogradConv2d)):
-        ms[f"conv {C}x{S}x{S} {name}"] = autotune.time_ms(cls(conv, quantize, dtype), (x,), {}, torch.device("cpu"),
-                                                          repeats)
-    return "faster" if ms[f"conv {C}x{S}x{S} int8 winograd"] < ms[f"conv {C}x{S}x{S} int8"] else "slower"
+    total = {"int8": 0.0, "int8 winograd": 0.0}
+    for C, S in dict.fromkeys(shapes):    # one model level's shape once
+        conv, x = _conv_case(C, S, dtype, g)
+        for name, cls in (("int8", Int8Conv2d), ("int8 winograd", Int8WinogradConv2d)):
+            ms[f"conv {C}x{S}x{S} {name}"] = t = autotune.time_ms(cls(conv, quantize, dtype), (x,), {},
+                                                                  torch.device("cpu"), repeats)
+            total[name] += t
+    return "faster" if total["int8 winograd"] < total["int8"] else "slower"
+
+
+def _int8_attention(shape, dtype: torch.dtype, attention: str, ms: dict, repeats: int, g: torch.Generator) -> str:
+    """The int8 attention backend against `attention` (the float path's choice, timed again beside it) at `shape`."""
+    q, k, v = _attention_case(shape, dtype, g)
+    int8, chosen = registry.backend("attention", INT8_ATTENTION), registry.backend("attention", attention)
+    why = int8_unsupported() or int8.supports(q, k, v)
+    if why is not None:
+        return f"unavailable: {why}"
+    labels = {chosen: f"attention {attention} (beside int8)", int8: f"attention {INT8_ATTENTION}"}
+    with torch.inference_mode():
+        for b, label in labels.items():
+            ms[label] = autotune.time_ms(b.fn, (q, k, v), {}, torch.device("cpu"), repeats)
+    return "faster" if ms[labels[int8]] < ms[labels[chosen]] else "slower"
 
 
 def conv_weights(choice: RuntimeChoice) -> str:
@@ -342,6 +371,15 @@ def int8_convs(choice: RuntimeChoice) -> str:
     return f"oneDNN's int8 convolution ({why})"
 
 
+def int8_attention(choice: RuntimeChoice) -> str:
+    """How an int8 UNet's attention runs on this CPU under `choice` (ops/int8_attention_cpu.py)."""
+    if choice.int8_attention == "faster":
+        return "int8 GEMMs where it has 256 keys or more (measured faster here)"
+    why = ("int8 attention measured slower here" if choice.int8_attention == "slower"
+           else choice.int8_attention.removeprefix("unavailable: "))
+    return f"as the float model's ({why})"
+
+
 def _held(verdict: str, packed: str) -> str:
     if verdict == "faster":
         return f"{packed} (measured faster here)"
@@ -359,7 +397,7 @@ def describe(choice: RuntimeChoice) -> str:
              f"dtype:           {choice.dtype}", f"attention:       {choice.attention}", f"int8:            {choice.int8}",
              f"conv weights:    {conv_weights(choice)}", f"linear weights:  {linear_weights(choice)}",
              f"full-res convs:  {full_resolution_convs(choice)}", f"deeper convs:    {half_resolution_convs(choice)}",
-             f"int8 3x3 convs:  {int8_convs(choice)}"]
+             f"int8 3x3 convs:  {int8_convs(choice)}", f"int8 attention:  {int8_attention(choice)}"]
     width = max(map(len, choice.ms), default=0)
     lines += [f"  {label:<{width}}{t:10.3f} ms" for label, t in sorted(choice.ms.items())]
     lines.append(f"cached:          {cache_dir() / (choice.key + '.json')}")
