@@ -6,7 +6,8 @@
 The UNet as `fastldm.load` runs it here: random full-size SD 1.5 weights in the dtype the machine's tuning
 chose (runtime/tuning.py), optimised the same way (channels_last, packed weights, Winograd where measured
 faster) under the tuned kernel preferences, batch 2 (CFG), a 77-token context; with `--quant int8` as
-`fastldm.load(quant="int8")` runs it (int8 convolutions and linears, the rest in the tuned dtype). One warm-up call (packs
+`fastldm.load(quant="int8")` runs it (int8 convolutions and linears, int8 Winograd and int8 attention where the
+tuning measured them faster, the rest in the tuned dtype). One warm-up call (packs
 weights per shape), then `--calls` profiled calls; the table gives each op's self CPU time per call, its
 share of the call, and the commonest input shapes of the heaviest ops. Self time: an op's time minus that of
 the ops it calls, so the rows add up to the call.
@@ -42,8 +43,11 @@ def main() -> None:
     config = PRESETS["sd1"]
     choice = choose(config)
     dtype = choice.torch_dtype
+    int8 = args.quant == "int8"
     unet = optimize({"unet": random_unet(config.unet, dtype=dtype)}, torch.device("cpu"),
-                    pack=choice.packed_kinds, quant=args.quant, dtype=dtype)["unet"]
+                    pack=choice.packed_kinds, quant=args.quant, dtype=dtype,
+                    int8_winograd=int8 and choice.int8_winograd == "faster",
+                    int8_attention=int8 and choice.int8_attention == "faster")["unet"]
     inputs = {k: v.to(dtype) if v.is_floating_point() else v
               for k, v in unet_inputs(config.unet, args.latent, "cpu", dtype).items()}
     info = cpu_info()

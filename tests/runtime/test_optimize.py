@@ -179,10 +179,27 @@ def test_quantize_activation_roundtrip():
     assert scale <= (x.max() - x.min()) / 255 + 1e-6
 
 
-def test_fused_quantizer_matches_eager():
-    """The inductor-compiled quantizer (the default of quantize_int8) gives the eager one's bits."""
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "inductor"])
+def test_fused_quantizer_matches_eager(native, monkeypatch):
+    """The fused quantizer (the default of quantize_int8) gives the eager one's bits: the C++ op (any length, either
+    dtype, channels_last kept, ranges on one side of 0, all zeros, and a strided input it leaves to eager) and,
+    where that cannot be built, the inductor-compiled function."""
+    from fastldm.ops import quantize_u8_cpu
+
+    if native and quantize_u8_cpu.unavailable() is not None:
+        pytest.skip(quantize_u8_cpu.unavailable())
+    if not native:
+        monkeypatch.setattr(quantize_u8_cpu, "unavailable", lambda: "no compiler here")
+    quantize = quant.fused_quantizer.__wrapped__()    # a fresh one: fused_quantizer() caches the process's
     g = torch.Generator().manual_seed(0)
-    for x in (torch.randn(2, 8, 6, 6, generator=g).bfloat16().to(memory_format=torch.channels_last),
-              torch.randn(10, 24, generator=g).bfloat16()):
-        for a, b in zip(quant.fused_quantizer()(x), quant.quantize_activation(x)):
-            assert torch.equal(a, b)
+    inputs = [torch.randn(2, 8, 6, 6, generator=g).bfloat16().to(memory_format=torch.channels_last),
+              torch.randn(10, 24, generator=g).bfloat16(), 3 * torch.randn(7, 1003, generator=g),
+              torch.rand(5, 77, generator=g) + 0.5, -torch.rand(300, generator=g).bfloat16(), torch.zeros(4, 4),
+              torch.randn(8, 40, generator=g)[:, ::2]]
+    for x in inputs:
+        got, want = quantize(x), quant.quantize_activation(x)
+        assert got[0].stride() == x.stride() or not x.is_contiguous()
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+

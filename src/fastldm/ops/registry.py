@@ -6,6 +6,8 @@ cannot run a given call, or None. Dispatch takes the forced backend for the op i
 (and raises if it cannot run the call: never a silent fallback), otherwise the first backend, in priority
 order, whose check passes. `reference` (plain PyTorch) is registered for every op and always applies.
 A measured table (fastldm.ops.autotune) can put one backend first per (op, device type, dtype): `prefer`.
+A calling layer can name a backend of its own (`dispatch(..., _prefer=name)`; an int8 UNet's attention layers
+name int8 attention), tried before the table where it supports the call and nothing is forced.
 
 Selections are per context, never process-wide: a `Kernels` object (forced backends, preferred backends and
 the kernel caches that go with them, such as Winograd's transformed weights) is made active for a block of

@@ -17,13 +17,15 @@ int8 convolution's error (benchmarks/winograd_f2_int8_probe.py; its weights are 
 Signed int8 activations would avoid the zero point, but oneDNN has no fast s8·s8 path on x86 (it falls
 back to a reference loop ~2000× slower); uint8 with a zero point is what its VNNI kernels take.
 `quantize_activation` (a min/max reduction and a few element-wise passes) is the price of dynamic
-scales; TorchInductor fuses it into one reduction and one pass (`fused=True`, the default: 2-4.7× faster
-than eager at SD 1.5's shapes, compiled once per machine in ~11 s and cached, see runtime/compile.py).
+scales; `fused=True` (the default) runs it as one reduction and one pass: a C++ op (ops/quantize_u8_cpu.py, 5-17×
+eager at SD 1.5's shapes), or where that cannot be built TorchInductor's fusion (2-4.7× eager, compiled once per
+machine in ~11 s and cached, see runtime/compile.py).
 
 With VNNI, SD 1.5's linears and convolutions ran 1.7-3× faster than oneDNN bf16 (docs/benchmarks.md,
 "CPU fast path"). Which layers: every Conv2d and Linear of the UNet except the first and last convolutions and the
-timestep / added-condition embeddings (tiny, and the most sensitive to rounding). Attention's softmax
-and the norms stay in bf16. Inference only; the quantized modules have no state dict.
+timestep / added-condition embeddings (tiny, and the most sensitive to rounding). The norms stay in bf16;
+attention's two products run as int8 GEMMs where the tuning measured that faster (ops/int8_attention_cpu.py,
+applied by runtime/optimize.py), else in bf16. Inference only; the quantized modules have no state dict.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailable
-from ..ops import winograd_f2_cpu
+from ..ops import quantize_u8_cpu, winograd_f2_cpu
 from .winograd_conv import eligible
 
 SKIP = ("conv_in", "conv_out", "time_embedding", "add_embedding", "time_emb_proj")
@@ -68,9 +70,18 @@ def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 @functools.cache
 def fused_quantizer() -> Callable:
-    """`quantize_activation` compiled by TorchInductor (dynamic shapes). One pure function, compiled once per
-    process (cached on disk where the program chose a persistent cache, compile.use_persistent_cache)."""
-    return torch.compile(quantize_activation, dynamic=True)
+    """`quantize_activation` in one C++ op (ops/quantize_u8_cpu.py: bit for bit the same, 2-2.6× faster than
+    TorchInductor's fusion per call at SD 1.5's shapes, none of its per-call guards), eager for an input it does
+    not take; where the C++ kernel cannot be built, compiled by TorchInductor (dynamic shapes), once per process
+    (cached on disk where the program chose a persistent cache, compile.use_persistent_cache)."""
+    if quantize_u8_cpu.unavailable() is not None:
+        return torch.compile(quantize_activation, dynamic=True)
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if quantize_u8_cpu.supports(x) is not None:
+            return quantize_activation(x)
+        return torch.ops.fastldm.quantize_u8(x)
+    return quantize
 
 
 class _Int8(nn.Module):
