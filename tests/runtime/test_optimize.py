@@ -106,6 +106,25 @@ def test_int8_close_to_bf16():
     assert psnr((out - ref.min()) / span, (ref - ref.min()) / span) > 30  # measured 44 dB
 
 
+@pytest.mark.parametrize("C,K,S", [(64, 64, 8), (33, 70, 5)])
+def test_int8_pointwise_conv_runs_as_a_matmul_with_the_convolutions_products(C, K, S):
+    """A 1×1 convolution's int8 form multiplies its channels_last pixels by the weight as oneDNN's int8 matmul: the
+    convolution's own products, so within an fp32 accumulation's rounding of oneDNN's int8 convolution."""
+    g = torch.Generator().manual_seed(C + K)
+    conv = torch.nn.Conv2d(C, K, 1).requires_grad_(False).bfloat16()
+    conv.weight.copy_(torch.randn(K, C, 1, 1, generator=g) / C ** 0.5)
+    x = torch.nn.functional.silu(torch.randn(2, C, S, S, generator=g)).bfloat16()
+    layer = quant.Int8Conv2d(conv, quant.quantize_activation, torch.bfloat16)
+    as_conv = quant.Int8Conv2d(conv, quant.quantize_activation, torch.bfloat16)
+    as_conv.pointwise = False
+    as_conv.packed = torch.ops.onednn.qconv_prepack(*quant._weight_int8(conv.weight), 1.0, 128, [1, 1], [0, 0],
+                                                    [1, 1], 1, None)
+    with torch.inference_mode():
+        y, want = layer(x), as_conv(x)
+    assert layer.pointwise and y.shape == (2, K, S, S) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("C,K,S", [(64, 64, 16), (33, 70, 9), (48, 40, 5)])  # odd sizes: partial tiles and vectors
 def test_int8_winograd_layer_is_within_a_few_int8_roundings(C, K, S):
     if quant.winograd_unavailable() is not None:
