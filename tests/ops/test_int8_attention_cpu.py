@@ -57,20 +57,24 @@ def test_matches_the_reference(B, H, N, M, D, scale, dtype):
     assert err <= MAX_OF_V and (out.double() - ref).norm() / ref.norm() <= REL, float(err)
 
 
-def test_softmax_levels_follow_the_formula():
-    """level = round(255 · exp(scale · (s − max s))), stored as level − 128; levels sums them. The kernel's exp2
-    polynomial (7.5e-5 relative) may move a value sitting on a half-level by one."""
-    g = torch.Generator().manual_seed(1)
-    scores = torch.randint(-200_000, 200_000, (37, 1003), generator=g, dtype=torch.int32)   # a partial chunk
-    scores[0] = 5                                                   # a constant row: every level 255
-    scale = torch.rand(37, generator=g) * 1e-4
-    p, levels = torch.empty(37, 1003, dtype=torch.int8), torch.empty(37)
-    torch.ops.fastldm.int8_softmax_(scores, scale, p, levels)
-    x = scores.double()
-    want = torch.round(255 * torch.exp(scale.double()[:, None] * (x - x.amax(1, keepdim=True))))
+@pytest.mark.parametrize("M", [1003, 64, 7])   # whole vector pairs and a tail; a tail only
+def test_softmax_levels_follow_the_formula(M):
+    """level = round(255 · exp(a_r · (b_j s_j − max_j b_j s_j))) for row scales a and key scales b, stored as
+    level − 128; levels sums them. The kernel's exp2 polynomial (7.5e-5 relative) may move a value sitting on a
+    half-level by one."""
+    g = torch.Generator().manual_seed(M)
+    scores = torch.randint(-200_000, 200_000, (37, M), generator=g, dtype=torch.int32)
+    row, col = torch.rand(37, generator=g) * 1e-4, 0.5 + torch.rand(M, generator=g)
+    p, levels = torch.empty(37, M, dtype=torch.int8), torch.empty(37)
+    torch.ops.fastldm.int8_softmax_(scores, row, col, p, levels)
+    x = scores.double() * col.double()
+    want = torch.round(255 * torch.exp(row.double()[:, None] * (x - x.amax(1, keepdim=True))))
     got = p.double() + 128
     assert (got - want).abs().max() <= 1 and torch.equal(levels.double(), got.sum(1))
-    assert torch.equal(got[0], torch.full((1003,), 255.0, dtype=torch.float64))
+    torch.ops.fastldm.int8_softmax_(torch.full((2, M), 5, dtype=torch.int32), row[:2], torch.ones(M), p[:2],
+                                    levels[:2])
+    assert torch.equal(p[:2], torch.full((2, M), 127, dtype=torch.int8)) and torch.equal(levels[:2],
+                                                                                          torch.full((2,), 255.0 * M))
 
 
 def test_refuses_what_it_does_not_take():

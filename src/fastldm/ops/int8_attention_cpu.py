@@ -1,7 +1,7 @@
 """Attention with int8 GEMMs for CPUs, for int8 UNets: softmax(q kᵀ / √D) v with both products in 8-bit integers.
 
 SageAttention's recipe (Zhang et al. 2025, "SageAttention: Accurate 8-bit attention for plug-and-play inference
-acceleration", ICLR) on a CPU: q is quantized per token, k per head after subtracting its mean over the tokens
+acceleration", ICLR) on a CPU: q and k are quantized per token, k after subtracting its mean over the tokens
 (softmax is unchanged by a per-row constant, q · mean(k), and k's channel-wise offsets no longer eat the int8
 range), q kᵀ runs as an int8 GEMM into int32; a C++ row softmax (csrc/int8_attention_cpu.cpp) turns each row of
 scores into 255 probability levels, stored as signed int8; P·v runs as a second int8 GEMM against v quantized
@@ -83,11 +83,11 @@ def _int8_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     M = k.shape[2]
     qi, sq = _quantize(q.float() * D ** -0.5, -1)           # (B, H, N, D) int8, (B, H, N, 1): per token
     kf = k.float()
-    ki, sk = _quantize(kf - kf.mean(2, keepdim=True), (2, 3))  # (B, H, M, D), (B, H, 1, 1): per head
+    ki, sk = _quantize(kf - kf.mean(2, keepdim=True), -1)     # (B, H, M, D), (B, H, M, 1): per token
     vi, sv = _quantize(v.float(), 2)                          # (B, H, M, D), (B, H, 1, D): per channel
     vi = F.pad(vi, (0, -D % 16))                              # (B, H, M, Dp): oneDNN's fastest widths
     offset = 128 * vi.sum(2, dtype=torch.int32)               # (B, H, Dp): the int8 levels are level − 128
-    row_scale = (sq * sk).squeeze(-1)                         # (B, H, N): q kᵀ's scale per query
+    row_scale, col_scale = sq.squeeze(-1), sk.squeeze(-1)     # (B, H, N), (B, H, M): q kᵀ's scales
     rows = min(N, block_rows(M, torch.get_num_threads()))
     scores = torch.empty(rows, M, dtype=torch.int32)         # (R, M): one block's buffers, reused
     p = torch.empty(rows, M, dtype=torch.int8)
@@ -99,7 +99,8 @@ def _int8_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
             for i in range(0, N, rows):
                 r = min(rows, N - i)
                 torch._int_mm(qi[b, h, i:i + r], kt, out=scores[:r])                          # (r, M) int32
-                torch.ops.fastldm.int8_softmax_(scores[:r], row_scale[b, h, i:i + r], p[:r], levels[:r])
+                torch.ops.fastldm.int8_softmax_(scores[:r], row_scale[b, h, i:i + r], col_scale[b, h], p[:r],
+                                                levels[:r])
                 acc = torch._int_mm(p[:r], vi[b, h]) + offset[b, h]                           # (r, Dp) int32
                 out[b, i:i + r, h] = acc[:, :D] * (sv[b, h] / levels[:r, None])              # (r, D)
     return out
@@ -114,9 +115,10 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 # The kernel's schema and fake function live here, so torch.compile can trace a call as one opaque op before
 # the library is loaded; the library registers its CPU kernel (TORCH_LIBRARY_IMPL in the .cpp).
 torch.library.define("fastldm::int8_softmax_",
-                     "(Tensor scores, Tensor scale, Tensor(a!) p, Tensor(b!) levels) -> ()")
+                     "(Tensor scores, Tensor row_scale, Tensor col_scale, Tensor(a!) p, Tensor(b!) levels) -> ()")
 
 
 @torch.library.register_fake("fastldm::int8_softmax_")
-def _(scores: torch.Tensor, scale: torch.Tensor, p: torch.Tensor, levels: torch.Tensor) -> None:
+def _(scores: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, p: torch.Tensor,
+      levels: torch.Tensor) -> None:
     return None
