@@ -358,26 +358,26 @@ def _winograd_verdict(choice: RuntimeChoice, verdict: str, where: str) -> str:
     if verdict == "faster":
         return (f"Winograd {algorithm(choice.torch_dtype)}, weights transformed at load (measured faster "
                 f"here{where})")
-    why = "Winograd measured slower here" if verdict == "slower" else verdict.removeprefix("unavailable: ")
-    return f"as the other convolutions ({why})"
+    return f"as the other convolutions ({_why_not(verdict, 'Winograd')})"
 
 
 def int8_convs(choice: RuntimeChoice) -> str:
     """How an int8 UNet's 3×3 convolutions run on this CPU under `choice` (runtime/quant.py)."""
     if choice.int8_winograd == "faster":
         return "Winograd F(2x2, 3x3) with int8 GEMMs (measured faster here)"
-    why = ("Winograd measured slower here" if choice.int8_winograd == "slower"
-           else choice.int8_winograd.removeprefix("unavailable: "))
-    return f"oneDNN's int8 convolution ({why})"
+    return f"oneDNN's int8 convolution ({_why_not(choice.int8_winograd, 'Winograd')})"
 
 
 def int8_attention(choice: RuntimeChoice) -> str:
     """How an int8 UNet's attention runs on this CPU under `choice` (ops/int8_attention_cpu.py)."""
     if choice.int8_attention == "faster":
         return "int8 GEMMs where it has 256 keys or more (measured faster here)"
-    why = ("int8 attention measured slower here" if choice.int8_attention == "slower"
-           else choice.int8_attention.removeprefix("unavailable: "))
-    return f"as the float model's ({why})"
+    return f"as the float model's ({_why_not(choice.int8_attention, 'int8 attention')})"
+
+
+def _why_not(verdict: str, candidate: str) -> str:
+    """Why a verdict other than "faster" keeps `candidate` out: it measured slower, or why it is unavailable."""
+    return f"{candidate} measured slower here" if verdict == "slower" else verdict.removeprefix("unavailable: ")
 
 
 def _held(verdict: str, packed: str) -> str:

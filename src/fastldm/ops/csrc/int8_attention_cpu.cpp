@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "vec_bytes.h"
 #include "vec_exp2.h"
 
 namespace {
@@ -32,25 +33,6 @@ using IVec = at::vec::Vectorized<int32_t>;
 constexpr int64_t kLanes = Vec::size();
 static_assert(IVec::size() == kLanes, "int32 and fp32 vectors have the same lanes");
 constexpr int64_t kPair = 2 * kLanes;
-
-// 2·kLanes values in −128..127 of two int32 vectors as int8, in order.
-inline void store_int8(int8_t* p, const IVec& a, const IVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + kLanes), _mm512_cvtepi32_epi8(b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  // packs work within 128-bit lanes: a0-3 b0-3 | a4-7 b4-7 as 16 bits, reordered to a0-7 | b0-7, then to bytes
-  // (a0-7 a0-7 | b0-7 b0-7), whose low 8 bytes of each lane are the 16 values in order
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
-  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(w, w), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(bytes));
-#else
-  int32_t v[2 * kLanes];
-  a.store(v);
-  b.store(v + kLanes);
-  for (int64_t t = 0; t < 2 * kLanes; ++t) p[t] = static_cast<int8_t>(v[t]);
-#endif
-}
 
 // One row: s (M) scores, b (M) their per-key scales, c the row's scale times log2 e; writes p (M) and returns
 // Σ level (see the top).
@@ -75,7 +57,7 @@ float softmax_row(const int32_t* s, const float* b, int8_t* p, int64_t M, float 
     total = total + q;
     return q - offset;
   };
-  for (j = 0; j + kPair <= M; j += kPair) store_int8(p + j, level(j), level(j + kLanes));
+  for (j = 0; j + kPair <= M; j += kPair) fastldm::store_bytes(p + j, level(j), level(j + kLanes));
   int32_t counts[kLanes];
   total.store(counts);
   int64_t sum = 0;

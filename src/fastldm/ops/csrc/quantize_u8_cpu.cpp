@@ -28,6 +28,8 @@
 #include <tuple>
 #include <vector>
 
+#include "vec_bytes.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -91,25 +93,6 @@ std::tuple<float, float> min_max(const scalar_t* x, int64_t n) {
   return {*std::min_element(lo.begin(), lo.end()), *std::max_element(hi.begin(), hi.end())};
 }
 
-// 2·kLanes levels (each in 0..255) of two int32 vectors as bytes, in order.
-inline void store_levels(uint8_t* q, const IVec& a, const IVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(a));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kLanes), _mm512_cvtepi32_epi8(b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  // packs work within 128-bit lanes: a0-3 b0-3 | a4-7 b4-7 as 16 bits, reordered to a0-7 | b0-7, then to bytes
-  // (a0-7 a0-7 | b0-7 b0-7), whose low 8 bytes of each lane are the 16 levels in order
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
-  const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(w, w), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_castsi256_si128(bytes));
-#else
-  int32_t level[2 * kLanes];
-  a.store(level);
-  b.store(level + kLanes);
-  for (int64_t t = 0; t < 2 * kLanes; ++t) q[t] = static_cast<uint8_t>(level[t]);
-#endif
-}
-
 template <typename scalar_t>
 void quantize(const scalar_t* x, uint8_t* q, int64_t n, float scale, float zero) {
   using in = In<scalar_t>;
@@ -122,7 +105,7 @@ void quantize(const scalar_t* x, uint8_t* q, int64_t n, float scale, float zero)
     for (; j + kPair <= end; j += kPair) {
       Vec a, b;
       in::load2(x + j, a, b);
-      store_levels(q + j, level_of(a), level_of(b));
+      fastldm::store_bytes(q + j, level_of(a), level_of(b));
     }
     int32_t level[kLanes];
     for (; j < end; j += kLanes) {
